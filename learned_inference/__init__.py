@@ -1,0 +1,78 @@
+"""learned_inference: iterative amortized inference (learned optimizers for approximate posteriors) for PyTorch.
+
+Example:
+    >>> import torch
+    >>> from learned_inference import DecoderModel, IterativeInferenceOptimizer
+    >>> model = DecoderModel(torch.nn.Linear(2, 6), likelihood="bernoulli", latent_dim=2)
+    >>> inference = IterativeInferenceOptimizer(model, latent_dim=2, num_steps=2, hidden_size=16)
+    >>> inference.infer(torch.ones(3, 6)).elbo.shape
+    torch.Size([3, 3])
+"""
+
+from learned_inference.encodings import (
+    Concat,
+    Data,
+    Encoding,
+    EncodingInputs,
+    Errors,
+    LogSignGradient,
+    PosteriorParams,
+    StandardizedGradient,
+    make_encoding,
+)
+from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
+from learned_inference.likelihoods import (
+    BernoulliLikelihood,
+    BernoulliProbsLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    MultinomialLikelihood,
+    make_likelihood,
+)
+from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
+from learned_inference.networks import HighwayMLP, RecurrentNetwork, UpdateNetwork
+from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
+from learned_inference.optimizer import InferenceResult, IterativeInferenceOptimizer
+from learned_inference.updates import GatedUpdate, ResidualUpdate, gated_update, residual_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BernoulliLikelihood",
+    "BernoulliProbsLikelihood",
+    "Concat",
+    "Data",
+    "DecoderModel",
+    "Delta",
+    "DiagonalGaussian",
+    "Dirac",
+    "Encoding",
+    "EncodingInputs",
+    "Errors",
+    "Family",
+    "GatedUpdate",
+    "GaussianLikelihood",
+    "HighwayMLP",
+    "InferenceResult",
+    "IterativeInferenceOptimizer",
+    "LatentModel",
+    "LatentSpace",
+    "Likelihood",
+    "LogSignGradient",
+    "MultinomialLikelihood",
+    "PosteriorParams",
+    "RecurrentNetwork",
+    "ResidualUpdate",
+    "StandardizedGradient",
+    "UpdateNetwork",
+    "VAEModel",
+    "__version__",
+    "elbo",
+    "elbo_and_grad",
+    "gated_update",
+    "make_encoding",
+    "make_family",
+    "make_likelihood",
+    "prior_moments",
+    "residual_update",
+]

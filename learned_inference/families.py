@@ -1,0 +1,182 @@
+"""Posterior families: pure functions on the posterior parameters λ.
+
+λ is a dict of ``[B, D]`` tensors (for ``DiagonalGaussian``: ``{"loc": μ, "log_var": log σ²}``). A family knows
+how to start (the prior), draw reparameterized samples from given noise, compute its entropy and analytic KL to a
+Gaussian prior, keep its parameters in a safe range, and build a ``torch.distributions.Distribution``.
+
+Example:
+    >>> import torch
+    >>> family = DiagonalGaussian()
+    >>> params = family.initial_params(4, 2, dtype=torch.float32, device=None)
+    >>> family.sample(params, torch.zeros(1, 4, 2)).shape, family.entropy(params).shape
+    (torch.Size([1, 4, 2]), torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, Independent, Normal, constraints
+
+__all__ = ["Delta", "DiagonalGaussian", "Dirac", "Family", "make_family", "normal_prior_moments"]
+
+Params = dict[str, Tensor]
+
+
+def normal_prior_moments(prior: Distribution) -> tuple[Tensor, Tensor] | None:
+    """``(loc, variance)`` of a diagonal Gaussian prior (``Normal`` or ``Independent(Normal, 1)``), else None."""
+    base = prior.base_dist if isinstance(prior, Independent) else prior
+    if isinstance(base, Normal):
+        return base.loc, base.scale.square()
+    return None
+
+
+class Dirac(Distribution):
+    """A point mass at ``loc`` with event shape ``loc.shape[-1:]`` (the ``Delta`` family's posterior)."""
+
+    arg_constraints = {"loc": constraints.real}  # noqa: RUF012
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, *, validate_args: bool | None = None) -> None:
+        self.loc = loc
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.zeros_like(self.loc)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+        return self.loc.expand(*sample_shape, *self.loc.shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        equal = (value == self.loc).all(-1)
+        return torch.where(equal, 0.0, -math.inf).to(self.loc.dtype)
+
+    def entropy(self) -> Tensor:
+        return torch.zeros(self.batch_shape, dtype=self.loc.dtype, device=self.loc.device)
+
+
+class Family:
+    """Interface of a posterior family (all methods are pure functions of their arguments)."""
+
+    #: names of the parameters in λ, in the order the update network sees them
+    param_names: tuple[str, ...] = ()
+    #: whether samples need noise (False for point estimates)
+    stochastic: bool = True
+
+    def initial_params(self, batch: int, dim: int, *, dtype: torch.dtype, device: torch.device | None) -> Params:
+        """The prior's λ (N(0, I) or the origin) for ``batch`` examples."""
+        raise NotImplementedError
+
+    def sample(self, params: Params, noise: Tensor) -> Tensor:
+        """Reparameterized samples ``[S, B, D]`` from ``noise`` of shape ``[S, B, D]``."""
+        raise NotImplementedError
+
+    def entropy(self, params: Params) -> Tensor:
+        """Analytic entropy per example, ``[B]``."""
+        raise NotImplementedError
+
+    def kl_divergence(self, params: Params, prior_loc: Tensor, prior_var: Tensor) -> Tensor | None:
+        """Analytic KL(q || N(prior_loc, diag prior_var)) per example, or None where it is undefined."""
+        raise NotImplementedError
+
+    def constrain(self, params: Params) -> Params:
+        """Keeps λ in its valid, numerically safe range."""
+        return params
+
+    def distribution(self, params: Params) -> Distribution:
+        """The posterior as a ``Distribution`` with batch shape ``[B]`` and event shape ``[D]``."""
+        raise NotImplementedError
+
+
+class DiagonalGaussian(Family):
+    """q(z) = N(z; μ, diag σ²) with λ = (μ, log σ²).
+
+    Sampling: z = μ + σ ⊙ ε. Entropy: ½ Σ (log 2π + 1 + log σ²). KL to N(m, diag v):
+    ½ Σ (σ²/v + (μ − m)²/v − 1 + log v − log σ²).
+
+    Args:
+        log_var_bounds: the safe range log σ² is clamped to after every update.
+    """
+
+    param_names = ("loc", "log_var")
+
+    def __init__(self, *, log_var_bounds: tuple[float, float] = (-12.0, 6.0)) -> None:
+        low, high = log_var_bounds
+        if not low < high:
+            raise ValueError(f"log_var_bounds must be (low, high) with low < high, got {log_var_bounds!r}")
+        self.log_var_bounds = (float(low), float(high))
+
+    def initial_params(self, batch: int, dim: int, *, dtype: torch.dtype, device: torch.device | None) -> Params:
+        zeros = torch.zeros(batch, dim, dtype=dtype, device=device)
+        return {"loc": zeros, "log_var": zeros.clone()}
+
+    def sample(self, params: Params, noise: Tensor) -> Tensor:
+        return params["loc"] + torch.exp(0.5 * params["log_var"]) * noise
+
+    def entropy(self, params: Params) -> Tensor:
+        return 0.5 * (math.log(2 * math.pi) + 1.0 + params["log_var"]).sum(-1)
+
+    def kl_divergence(self, params: Params, prior_loc: Tensor, prior_var: Tensor) -> Tensor:
+        loc, log_var = params["loc"], params["log_var"]
+        var = torch.exp(log_var)
+        return 0.5 * ((var + (loc - prior_loc).square()) / prior_var - 1.0 + torch.log(prior_var) - log_var).sum(-1)
+
+    def constrain(self, params: Params) -> Params:
+        return {"loc": params["loc"], "log_var": params["log_var"].clamp(*self.log_var_bounds)}
+
+    def distribution(self, params: Params) -> Distribution:
+        return Independent(Normal(params["loc"], torch.exp(0.5 * params["log_var"])), 1)
+
+    def __repr__(self) -> str:
+        return f"DiagonalGaussian(log_var_bounds={self.log_var_bounds})"
+
+
+class Delta(Family):
+    """A point estimate q(z) = δ(z − μ) with λ = (μ,): MAP-style inference, and 2-D visualisations.
+
+    Its entropy is taken as 0, so the objective is log p(x, μ) (paper App. C.1).
+    """
+
+    param_names = ("loc",)
+    stochastic = False
+
+    def initial_params(self, batch: int, dim: int, *, dtype: torch.dtype, device: torch.device | None) -> Params:
+        return {"loc": torch.zeros(batch, dim, dtype=dtype, device=device)}
+
+    def sample(self, params: Params, noise: Tensor) -> Tensor:
+        return params["loc"].expand(noise.shape[0], *params["loc"].shape)
+
+    def entropy(self, params: Params) -> Tensor:
+        return params["loc"].new_zeros(params["loc"].shape[:-1])
+
+    def kl_divergence(self, params: Params, prior_loc: Tensor, prior_var: Tensor) -> None:
+        return None
+
+    def distribution(self, params: Params) -> Distribution:
+        return Dirac(params["loc"])
+
+    def __repr__(self) -> str:
+        return "Delta()"
+
+
+_FAMILIES: dict[str, type[Family]] = {"diagonal_gaussian": DiagonalGaussian, "delta": Delta}
+
+
+def make_family(family: str | Family) -> Family:
+    """A :class:`Family` from its name (``"diagonal_gaussian"``, ``"delta"``) or passes an instance through."""
+    if isinstance(family, Family):
+        return family
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_FAMILIES)} or a Family instance, got {family!r}")
+    return _FAMILIES[family]()

@@ -1,0 +1,349 @@
+"""``IterativeInferenceOptimizer``: a learned optimizer for the approximate posteriors of any latent model.
+
+At every step t the optimizer evaluates the ELBO and its gradient ∇_λ L_t at the current posterior parameters λ_t
+(``torch.func``), encodes them (by default [α·log(|∇λL|+ε), sign(∇λL)], the data x and λ_t), and a small network
+outputs the gated update (paper eq. 5 and 62):
+
+    λ_{t+1} = g_t ⊙ λ_t + (1 − g_t) ⊙ f_t(∇_λ L_t, λ_t, x; φ).
+
+Training (paper App. B.3): the update network's loss is the mean over steps of −L_t; the user's model learns from
+−L_T at the final step. With a feed-forward network the per-step gradients for φ are computed as the steps run
+(λ and the gradient inputs are detached between steps), so training memory does not grow with ``num_steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
+from learned_inference.families import Family, Params, make_family
+from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
+from learned_inference.networks import UpdateNetwork, make_network
+from learned_inference.objectives import PriorMoments, elbo_and_grad, prior_moments, sample_noise
+from learned_inference.updates import make_update
+
+__all__ = ["InferenceResult", "IterativeInferenceOptimizer", "observation_errors"]
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """What a run of inference returns.
+
+    Attributes:
+        params: the final λ, detached: a dict of ``[B, D]`` tensors (``{"loc", "log_var"}`` for a Gaussian), or
+            for several latent variables a dict of such dicts keyed by variable name.
+        posterior: q_λ as a ``torch.distributions.Distribution`` with batch shape ``[B]`` (a dict of them for
+            several latent variables).
+        elbo: ``[num_steps + 1, B]`` per-example ELBO estimates at λ_0 (the initial estimate), ..., λ_T.
+        loss: a scalar; ``loss.backward()`` trains (see :meth:`IterativeInferenceOptimizer.forward`). Its value
+            is the mean over steps 1..T of the batch-mean −ELBO (−ELBO at λ_0 when T = 0).
+        grad_norm: ``[num_steps + 1, B]`` per-example norms of ∇_λ L at every step.
+    """
+
+    params: dict[str, Any]
+    posterior: Distribution | dict[str, Distribution]
+    elbo: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+
+
+class _GradientInjection(torch.autograd.Function):
+    """Returns a zero scalar whose backward hands precomputed gradients (scaled by the incoming one) to params."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: Sequence[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *(grad_output * g for g in ctx.grads))
+
+
+def observation_errors(
+    model: LatentModel, family: Family, params: Params, x: Tensor, noise: Tensor, *, space: LatentSpace,
+    prior: PriorMoments,
+) -> tuple[Tensor, Tensor]:
+    """(εx, εz) = (x − E[x | z], z − μ_p), averaged over the samples (paper Sec. 4.1; variances dropped, B.1)."""
+    z = family.sample(params, noise)
+    mean_x = model.likelihood_mean(space.split(z)).mean(0)  # type: ignore[attr-defined]
+    return x - mean_x, (z - prior[0].to(z)).mean(0)
+
+
+def _detach(params: Params) -> Params:
+    return {name: value.detach() for name, value in params.items()}
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class IterativeInferenceOptimizer(nn.Module):
+    """A learned optimizer that refines approximate posteriors q_λ(z | x) of a latent model.
+
+    Implements iterative amortized inference (Marino, Yue & Mandt 2018): λ_{t+1} = g ⊙ λ_t + (1 − g) ⊙ f(enc_t)
+    (eq. 62), where enc_t encodes ∇_λ L_t (App. B.1), x and λ_t. The model is used, not owned: it is not a
+    submodule, so ``parameters()`` and ``state_dict()`` hold the update network only.
+
+    Args:
+        model: anything with ``log_joint(x, z)`` (see :mod:`learned_inference.model`).
+        latent_dim: the size of z, or a dict of sizes for several latent variables.
+        num_steps: refinement steps T used by :meth:`forward` (and by :meth:`infer` unless overridden).
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a :class:`~learned_inference.families.Family`.
+        encoding: what the network sees: names or :class:`~learned_inference.encodings.Encoding` objects
+            (default ``("gradient", "data", "params")``).
+        update: ``"gated"`` (eq. 62, default) or ``"residual"``.
+        network: ``"highway"`` (feed-forward, default), ``"lstm"``, ``"gru"``, or an
+            :class:`~learned_inference.networks.UpdateNetwork`.
+        hidden_size: units per layer of the built network.
+        num_layers: hidden layers of the highway network.
+        num_samples: reparameterized samples S per ELBO evaluation.
+        init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
+        analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
+        backprop_through_steps: keep the graph across steps (backpropagation through time). Default: False for
+            feed-forward networks (constant memory), True for recurrent ones.
+        second_order: feed the network gradients that stay differentiable (∇λL with its graph), so training
+            differentiates through them; needs ``backprop_through_steps``.
+
+    Example:
+        >>> import torch
+        >>> from learned_inference import DecoderModel, IterativeInferenceOptimizer
+        >>> model = DecoderModel(torch.nn.Linear(4, 20), likelihood="bernoulli", latent_dim=4)
+        >>> inference = IterativeInferenceOptimizer(model, latent_dim=4, num_steps=3, hidden_size=32)
+        >>> optim = torch.optim.Adam([*model.parameters(), *inference.parameters()], lr=1e-3)
+        >>> x = torch.bernoulli(torch.full((8, 20), 0.3))
+        >>> result = inference(x)
+        >>> result.loss.backward(); optim.step()
+        >>> inference.infer(x, num_steps=10).elbo.shape
+        torch.Size([11, 8])
+    """
+
+    def __init__(
+        self,
+        model: LatentModel,
+        *,
+        latent_dim: int | dict[str, int],
+        num_steps: int = 5,
+        family: str | Family = "diagonal_gaussian",
+        encoding: str | Encoding | Sequence[str | Encoding] = DEFAULT_ENCODING,
+        update: str = "gated",
+        network: str | UpdateNetwork = "highway",
+        hidden_size: int = 512,
+        num_layers: int = 2,
+        num_samples: int = 1,
+        init: str = "prior",
+        analytic_kl: bool = True,
+        backprop_through_steps: bool | None = None,
+        second_order: bool = False,
+    ) -> None:
+        super().__init__()
+        check_model(model)
+        # The model is the user's: keep a plain reference, not a submodule.
+        object.__setattr__(self, "_model", model)
+        self.space = LatentSpace(latent_dim)
+        self.num_steps = _check_int("num_steps", num_steps, minimum=0)
+        self.num_samples = _check_int("num_samples", num_samples, minimum=1)
+        _check_int("hidden_size", hidden_size, minimum=1)
+        _check_int("num_layers", num_layers, minimum=1)
+        self.family = make_family(family)
+        self.encoding = make_encoding(encoding)
+        if init not in ("prior", "encoder"):
+            raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
+        if init == "encoder" and not callable(getattr(model, "encode", None)):
+            raise ValueError(f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has none")
+        self.init = init
+        self.analytic_kl = analytic_kl
+        if self.encoding.needs_errors:
+            for method in ("likelihood_mean", "prior"):
+                if not callable(getattr(model, method, None)):
+                    raise ValueError(
+                        f"the 'errors' encoding needs model.{method}(); {type(model).__name__} has none "
+                        "(DecoderModel and VAEModel provide it), or use encoding=('gradient', 'data', 'params')"
+                    )
+        self.network = make_network(network, hidden_size=hidden_size, num_layers=num_layers)
+        self.update = make_update(
+            update, self.family.param_names, hidden_size=self.network.hidden_size, dim=self.space.total_dim
+        )
+        self.backprop_through_steps = (
+            self.network.recurrent if backprop_through_steps is None else bool(backprop_through_steps)
+        )
+        if second_order and not self.backprop_through_steps:
+            raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
+        self.second_order = second_order
+        self._model_checked = False
+
+    @property
+    def model(self) -> LatentModel:
+        """The user's model (not a submodule)."""
+        return self._model  # type: ignore[no-any-return]
+
+    def forward(self, x: Tensor, *, init_params: Params | None = None) -> InferenceResult:
+        """Runs ``num_steps`` refinement steps and returns a result whose ``loss`` trains.
+
+        ``result.loss.backward()`` gives the update network the gradient of the mean over steps t = 1..T of the
+        batch-mean −L_t, the user's model the gradient of the batch-mean −L_T at the (detached) final λ, and a
+        trainable encoder (``init="encoder"``) the gradient of −L_0. Models whose parameters are frozen, or are
+        not in the optimizer, simply get refined posteriors.
+
+        Args:
+            x: a batch ``[B, *event]`` of floating-point data.
+            init_params: an explicit λ_0 (a dict like ``result.params``) instead of the prior or encoder.
+        """
+        return self._run(x, self.num_steps, train=torch.is_grad_enabled(), init_params=init_params, noise=None)
+
+    @torch.no_grad()
+    def infer(
+        self,
+        x: Tensor,
+        *,
+        num_steps: int | None = None,
+        init_params: Params | None = None,
+        noise: Tensor | None = None,
+    ) -> InferenceResult:
+        """Test-time inference: any number of steps, no training graph (memory constant in the steps).
+
+        Args:
+            x: a batch ``[B, *event]``.
+            num_steps: refinement steps (default: the training ``num_steps``).
+            init_params: an explicit λ_0 instead of the prior or encoder.
+            noise: the reparameterization noise for every step, ``[num_steps + 1, S, B, D]`` (common random
+                numbers for comparisons); drawn from the global generator when omitted.
+        """
+        steps = self.num_steps if num_steps is None else _check_int("num_steps", num_steps, minimum=0)
+        return self._run(x, steps, train=False, init_params=init_params, noise=noise)
+
+    def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
+        if noise is not None:
+            shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
+            if list(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape} ([num_steps + 1, S, B, D]), got {list(noise.shape)}")
+        if not self._model_checked:
+            check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
+            self._model_checked = True
+
+    def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
+        names = self.family.param_names
+        if init_params is not None:
+            given = self._flatten(init_params)
+            if set(given) != set(names):
+                raise ValueError(f"init_params must have entries {list(names)}, got {sorted(given)}")
+            return {name: given[name] for name in names}
+        if self.init == "encoder":
+            loc, log_var = self.model.encode(x)  # type: ignore[attr-defined]
+            encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
+            return self.family.constrain({name: encoded[name] for name in names})
+        return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
+
+    def _flatten(self, params: dict[str, Any]) -> Params:
+        """The public form of λ (per variable for several latents) → the flat internal form."""
+        if self.space.names is None:
+            return dict(params)
+        names = self.family.param_names
+        return {p: self.space.merge({v: params[v][p] for v in self.space.names}) for p in names}
+
+    def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
+        """The flat internal λ → (public params, posterior)."""
+        params = _detach(params)
+        if self.space.names is None:
+            return params, self.family.distribution(params)
+        pieces = {p: self.space.split(value) for p, value in params.items()}
+        per_var = {v: {p: pieces[p][v] for p in params} for v in self.space.names}  # type: ignore[index]
+        return per_var, {v: self.family.distribution(per_var[v]) for v in self.space.names}
+
+    def _noise(self, noise: Tensor | None, t: int, x: Tensor) -> Tensor:
+        if noise is not None:
+            return noise[t]
+        shape = (self.num_samples, x.shape[0], self.space.total_dim)
+        if not self.family.stochastic:
+            return x.new_zeros(1, *shape[1:])
+        return sample_noise(*shape, dtype=x.dtype, device=x.device)
+
+    def _run(
+        self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
+    ) -> InferenceResult:
+        self._check_inputs(x, num_steps, noise)
+        model, family, space = self.model, self.family, self.space
+        batch = x.shape[0]
+        prior = prior_moments(model, space)
+        kl_prior = prior if self.analytic_kl else None
+        bptt, second_order = self.backprop_through_steps, self.second_order
+        params = self._initial_params(x, init_params if train or init_params is None else _detach(init_params))
+
+        elbos: list[Tensor] = []
+        norms: list[Tensor] = []
+        phi_grads: list[Tensor] | None = None
+        phi: list[Tensor] = []
+        surrogate = x.new_zeros(())
+        state = None
+        final_values = None
+        for t in range(num_steps + 1):
+            eps = self._noise(noise, t, x)
+            final = t == num_steps
+            lam = params if second_order else _detach(params)
+            with torch.set_grad_enabled(train and (final or second_order)):
+                values, grads = elbo_and_grad(model, family, lam, x, eps, space=space, prior=kl_prior)
+            elbos.append(values.detach())
+            norms.append(torch.sqrt(sum(g.detach().square().sum(-1) for g in grads.values())))
+            if train and any(p.requires_grad for p in params.values()):
+                # d(−L_t)/dλ_t = −∇λL_t: a surrogate (BPTT, encoder) or an immediate VJP (feed-forward).
+                weight = 1.0 / (batch * num_steps) if t > 0 else 1.0 / batch
+                if t > 0 and not bptt:
+                    phi = [p for p in self.parameters() if p.requires_grad]
+                    step_grads = torch.autograd.grad(
+                        [params[n] for n in grads],
+                        phi,
+                        grad_outputs=[-weight * grads[n].detach() for n in grads],
+                        allow_unused=True,
+                    )
+                    step_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(phi, step_grads, strict=True)]
+                    phi_grads = step_grads if phi_grads is None else [a + g for a, g in zip(phi_grads, step_grads,
+                                                                                             strict=True)]
+                else:
+                    surrogate = surrogate - weight * sum((grads[n].detach() * params[n]).sum() for n in grads)
+            if final:
+                final_values = values
+                break
+            errors = None
+            if self.encoding.needs_errors:
+                with torch.no_grad():
+                    errors = observation_errors(model, family, lam, x, eps, space=space, prior=prior)
+            grad_inputs = grads if second_order else {n: g.detach() for n, g in grads.items()}
+            with torch.set_grad_enabled(train):
+                base = params if bptt else lam
+                features = self.encoding(EncodingInputs(grads=grad_inputs, params=base, x=x, errors=errors))
+                hidden, state = self.network(features, state)
+                params = family.constrain(self.update(hidden, base))
+
+        elbo = torch.stack(elbos)
+        value = -(elbo[1:] if num_steps > 0 else elbo).mean()
+        loss = value
+        if train:
+            graph_part = surrogate
+            if final_values is not None and final_values.requires_grad:
+                graph_part = graph_part - final_values.mean()
+            if phi_grads is not None:
+                graph_part = graph_part + _GradientInjection.apply(phi_grads, *phi)
+            if graph_part.requires_grad:
+                loss = value + (graph_part - graph_part.detach())
+        public, posterior = self._public(params)
+        return InferenceResult(params=public, posterior=posterior, elbo=elbo, loss=loss, grad_norm=torch.stack(norms))
+
+    def extra_repr(self) -> str:
+        return (
+            f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "
+            f"num_samples={self.num_samples}, init={self.init!r}, backprop_through_steps={self.backprop_through_steps}"
+        )
