@@ -9,6 +9,14 @@ Example:
     torch.Size([3, 3])
 """
 
+from learned_inference.baselines import (
+    GradientEStep,
+    HighwayEncoder,
+    SemiAmortized,
+    StandardEncoder,
+    clip_per_example,
+    momentum_ascent_step,
+)
 from learned_inference.encodings import (
     Concat,
     Data,
@@ -52,6 +60,8 @@ __all__ = [
     "Family",
     "GatedUpdate",
     "GaussianLikelihood",
+    "GradientEStep",
+    "HighwayEncoder",
     "HighwayMLP",
     "InferenceResult",
     "IterativeInferenceOptimizer",
@@ -63,16 +73,20 @@ __all__ = [
     "PosteriorParams",
     "RecurrentNetwork",
     "ResidualUpdate",
+    "SemiAmortized",
+    "StandardEncoder",
     "StandardizedGradient",
     "UpdateNetwork",
     "VAEModel",
     "__version__",
+    "clip_per_example",
     "elbo",
     "elbo_and_grad",
     "gated_update",
     "make_encoding",
     "make_family",
     "make_likelihood",
+    "momentum_ascent_step",
     "prior_moments",
     "residual_update",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
+from torch.nn.parameter import is_lazy
 
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
 from learned_inference.families import Family, Params, make_family
@@ -185,7 +186,9 @@ class IterativeInferenceOptimizer(nn.Module):
         """The user's model (not a submodule)."""
         return self._model  # type: ignore[no-any-return]
 
-    def forward(self, x: Tensor, *, init_params: Params | None = None) -> InferenceResult:
+    def forward(
+        self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
+    ) -> InferenceResult:
         """Runs ``num_steps`` refinement steps and returns a result whose ``loss`` trains.
 
         ``result.loss.backward()`` gives the update network the gradient of the mean over steps t = 1..T of the
@@ -196,8 +199,9 @@ class IterativeInferenceOptimizer(nn.Module):
         Args:
             x: a batch ``[B, *event]`` of floating-point data.
             init_params: an explicit λ_0 (a dict like ``result.params``) instead of the prior or encoder.
+            noise: the reparameterization noise, as in :meth:`infer`.
         """
-        return self._run(x, self.num_steps, train=torch.is_grad_enabled(), init_params=init_params, noise=None)
+        return self._run(x, self.num_steps, train=torch.is_grad_enabled(), init_params=init_params, noise=noise)
 
     @torch.no_grad()
     def infer(
@@ -234,6 +238,17 @@ class IterativeInferenceOptimizer(nn.Module):
         if not self._model_checked:
             check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
             self._model_checked = True
+        self._materialize(x)
+
+    def _materialize(self, x: Tensor) -> None:
+        """Sizes the lazy input layer from the first batch, even when that call runs no refinement step."""
+        if not any(is_lazy(p) for p in self.parameters()):
+            return
+        params = self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
+        zeros = {name: torch.zeros_like(value) for name, value in params.items()}
+        errors = (torch.zeros_like(x), params[self.family.param_names[0]]) if self.encoding.needs_errors else None
+        with torch.no_grad():
+            self.network(self.encoding(EncodingInputs(grads=zeros, params=params, x=x, errors=errors)))
 
     def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
         names = self.family.param_names
@@ -281,7 +296,7 @@ class IterativeInferenceOptimizer(nn.Module):
         prior = prior_moments(model, space)
         kl_prior = prior if self.analytic_kl else None
         bptt, second_order = self.backprop_through_steps, self.second_order
-        params = self._initial_params(x, init_params if train or init_params is None else _detach(init_params))
+        params = self._initial_params(x, init_params)
 
         elbos: list[Tensor] = []
         norms: list[Tensor] = []

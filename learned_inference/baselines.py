@@ -1,0 +1,573 @@
+"""Baselines on the interface of :class:`~learned_inference.IterativeInferenceOptimizer`.
+
+Every method here is "an initial estimate λ_0, then T gradient steps on the per-example ELBO":
+
+* :class:`StandardEncoder` — the plain VAE: λ_0 = encoder(x) and no refinement (λ_t = λ_0 for every t).
+* :class:`GradientEStep` — the expectation step of variational EM: any element-wise ``torch.optim`` optimizer
+  (SGD, SGD with momentum, RMSprop, Adam, ...) ascends L over each example's λ, from the prior or an encoder.
+* :class:`SemiAmortized` — an encoder's guess refined by K steps of momentum SGD with gradient clipping
+  (Kim et al. 2018); the encoder learns either through the unrolled steps (Kim et al.) or from its own
+  ELBO with the refined λ stop-gradient (Krishnan et al. 2018).
+
+All return an :class:`~learned_inference.InferenceResult` from ``infer(x, num_steps=...)`` (``elbo[0]`` the
+estimate at λ_0) and train through ``forward(x).loss``:
+
+    loss = −1/B Σ_b L(sg[λ_T,b]; x_b)  −  1/B Σ_b λ̄_b · λ_0,b,      λ̄ = ∇_{λ_0} L(λ_0)  or  dL(λ_T)/dλ_0,
+
+so the user's model learns from the final λ_T (the M-step) and an encoder from λ̄ (its own ELBO with
+stop-gradient refinement, or the ELBO after the steps when differentiating through them). The λ-gradients are
+per example (:func:`~learned_inference.objectives.elbo_and_grad` of the summed ELBO) and gradient clipping is
+per example, so no example's result depends on another's.
+
+Example:
+    >>> import torch
+    >>> from learned_inference import DecoderModel, GradientEStep
+    >>> model = DecoderModel(torch.nn.Linear(3, 12), likelihood="bernoulli", latent_dim=3)
+    >>> e_step = GradientEStep(model, latent_dim=3, optimizer=torch.optim.Adam, lr=0.1, num_steps=50)
+    >>> result = e_step.infer(torch.bernoulli(torch.full((5, 12), 0.5)))
+    >>> result.elbo.shape, result.params["loc"].shape
+    (torch.Size([51, 5]), torch.Size([5, 3]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from learned_inference.families import Family, Params, make_family
+from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
+from learned_inference.networks import HighwayMLP
+from learned_inference.objectives import elbo_and_grad, prior_moments, sample_noise
+from learned_inference.optimizer import InferenceResult, _check_int, _detach
+
+__all__ = [
+    "GradientEStep",
+    "HighwayEncoder",
+    "SemiAmortized",
+    "StandardEncoder",
+    "clip_per_example",
+    "momentum_ascent_step",
+]
+
+Encoder = Callable[[Tensor], tuple[Any, Any]]
+State = Any
+
+
+class HighwayEncoder(nn.Module):
+    """An inference network x → (μ, log σ²): a highway MLP (ELU, paper App. C) with two linear heads.
+
+    The input layer is lazy, so the data's size is read on the first call; ``x`` of shape ``[B, *event]`` is
+    flattened to ``[B, F]``.
+
+    Args:
+        latent_dim: the size of z (the total size for several latent variables).
+        hidden_size: units per hidden layer.
+        num_layers: hidden layers.
+
+    Example:
+        >>> import torch
+        >>> loc, log_var = HighwayEncoder(3, hidden_size=8)(torch.zeros(5, 2, 4))
+        >>> loc.shape, log_var.shape
+        (torch.Size([5, 3]), torch.Size([5, 3]))
+    """
+
+    def __init__(self, latent_dim: int, *, hidden_size: int = 512, num_layers: int = 2) -> None:
+        super().__init__()
+        _check_int("latent_dim", latent_dim, minimum=1)
+        self.body = HighwayMLP(hidden_size=hidden_size, num_layers=num_layers)
+        self.loc = nn.Linear(hidden_size, latent_dim)
+        self.log_var = nn.Linear(hidden_size, latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        hidden, _ = self.body(x.flatten(1))
+        return self.loc(hidden), self.log_var(hidden)
+
+
+def clip_per_example(grads: Params, norm: Tensor, *, max_norm: float) -> Params:
+    """Scales each example's gradient (all of λ's parts together) to norm at most ``max_norm``.
+
+    g_b ← g_b · min(1, max_norm / (‖g_b‖ + 1e-6)), with ``norm`` the ``[B]`` norms ‖g_b‖ (``torch.nn.utils``'s
+    rule, per example instead of over the batch).
+
+    Example:
+        >>> g = {"loc": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+        >>> clip_per_example(g, torch.tensor([5.0, 0.5]), max_norm=1.0)["loc"]
+        tensor([[0.6000, 0.8000],
+                [0.3000, 0.4000]])
+    """
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).unsqueeze(-1)
+    return {name: g * scale for name, g in grads.items()}
+
+
+def momentum_ascent_step(
+    params: Params, grads: Params, velocity: Params | None, *, lr: float, momentum: float
+) -> tuple[Params, Params]:
+    """One step of momentum gradient ascent, differentiable in all its inputs.
+
+    v_{t+1} = μ v_t + ∇_λ L_t (v_1 = ∇_λ L_0),   λ_{t+1} = λ_t + η v_{t+1}: ``torch.optim.SGD``'s rule
+    (dampening 0, no Nesterov) applied to −L, written out so that training can backpropagate through it.
+
+    Returns:
+        ``(λ_{t+1}, v_{t+1})``.
+
+    Example:
+        >>> p, g = {"loc": torch.zeros(1, 2)}, {"loc": torch.ones(1, 2)}
+        >>> p, v = momentum_ascent_step(p, g, None, lr=0.5, momentum=0.9)
+        >>> momentum_ascent_step(p, g, v, lr=0.5, momentum=0.9)[0]["loc"]
+        tensor([[1.4500, 1.4500]])
+    """
+    if velocity is None:
+        velocity = grads
+    else:
+        velocity = {name: momentum * velocity[name] + grads[name] for name in grads}
+    return {name: params[name] + lr * velocity[name] for name in params}, velocity
+
+
+def _check_inputs(
+    x: object, noise: Tensor | None, *, num_steps: int, num_samples: int, space: LatentSpace
+) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
+    if noise is not None:
+        shape = [num_steps + 1, num_samples, x.shape[0], space.total_dim]
+        if list(noise.shape) != shape:
+            raise ValueError(
+                f"noise must have shape {shape} ([num_steps + 1, S, B, D]), got {list(noise.shape)}"
+            )
+
+
+def _to_flat(family: Family, space: LatentSpace, params: Mapping[str, Any]) -> Params:
+    """The public form of λ (per variable for several latents) → the flat internal form."""
+    names = family.param_names
+    if space.names is not None:
+        params = {p: space.merge({v: params[v][p] for v in space.names}) for p in names}
+    if set(params) != set(names):
+        raise ValueError(f"init_params must have entries {list(names)}, got {sorted(params)}")
+    return {name: params[name] for name in names}
+
+
+def _to_public(
+    family: Family, space: LatentSpace, params: Params
+) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
+    """The flat internal λ → (public params, posterior), detached."""
+    params = _detach(params)
+    if space.names is None:
+        return params, family.distribution(params)
+    pieces = {p: space.split(value) for p, value in params.items()}
+    per_var = {v: {p: pieces[p][v] for p in params} for v in space.names}  # type: ignore[index]
+    return per_var, {v: family.distribution(per_var[v]) for v in space.names}
+
+
+class _GradientRefinement(nn.Module):
+    """The shared machinery: λ_0 (prior, or an encoder), then ``_step`` applied to ∇_λ L for T steps."""
+
+    #: whether :meth:`forward` backpropagates through the steps (needs a differentiable ``_step``)
+    backprop_through_steps: bool = False
+
+    def __init__(
+        self,
+        model: LatentModel,
+        *,
+        latent_dim: int | dict[str, int],
+        num_steps: int,
+        init: str | Encoder,
+        allow_prior: bool,
+        family: str | Family,
+        num_samples: int,
+        analytic_kl: bool,
+        max_grad_norm: float | None,
+        hidden_size: int,
+        num_layers: int,
+    ) -> None:
+        super().__init__()
+        check_model(model)
+        # The model is the user's: keep a plain reference, not a submodule.
+        object.__setattr__(self, "_model", model)
+        self.space = LatentSpace(latent_dim)
+        self.num_steps = _check_int("num_steps", num_steps, minimum=0)
+        self.num_samples = _check_int("num_samples", num_samples, minimum=1)
+        self.family = make_family(family)
+        self.analytic_kl = analytic_kl
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
+        self._model_checked = False
+        self.init = init if isinstance(init, str) else "callable"
+        self.encoder: Encoder | None = None
+        if init == "prior" and allow_prior:
+            return
+        if init == "encoder":
+            if not callable(getattr(model, "encode", None)):
+                raise ValueError(
+                    f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has "
+                    "none (use init='highway' to build an encoder)"
+                )
+            self.encoder = model.encode  # type: ignore[attr-defined]
+        elif init == "highway":
+            total = self.space.total_dim
+            self.encoder = HighwayEncoder(total, hidden_size=hidden_size, num_layers=num_layers)
+        elif callable(init) and not isinstance(init, str):
+            self.encoder = init
+        else:
+            options = "'prior', " if allow_prior else ""
+            raise ValueError(
+                f"init must be {options}'encoder', 'highway', or a callable x -> (loc, log_var), got {init!r}"
+            )
+
+    @property
+    def model(self) -> LatentModel:
+        """The user's model (not a submodule)."""
+        return self._model  # type: ignore[no-any-return]
+
+    def forward(self, x: Tensor, *, init_params: Params | None = None) -> InferenceResult:
+        """Runs ``num_steps`` steps and returns a result whose ``loss`` trains the model and the encoder.
+
+        ``result.loss`` has the value of the batch-mean −L at λ_T; its gradient reaches the user's model
+        through L(sg[λ_T]) and the encoder (if any) through λ̄ · λ_0 (see the module docstring).
+
+        Args:
+            x: a batch ``[B, *event]`` of floating-point data.
+            init_params: an explicit λ_0 (a dict like ``result.params``) instead of the prior or encoder.
+        """
+        train = torch.is_grad_enabled()
+        return self._run(x, self.num_steps, train=train, init_params=init_params, noise=None)
+
+    @torch.no_grad()
+    def infer(
+        self,
+        x: Tensor,
+        *,
+        num_steps: int | None = None,
+        init_params: Params | None = None,
+        noise: Tensor | None = None,
+    ) -> InferenceResult:
+        """Test-time inference: any number of steps, no training graph.
+
+        Args:
+            x: a batch ``[B, *event]``.
+            num_steps: steps T (default: ``num_steps`` given at construction).
+            init_params: an explicit λ_0 instead of the prior or encoder.
+            noise: the reparameterization noise for every step, ``[T + 1, S, B, D]`` (common random numbers
+                for comparisons); drawn from the global generator when omitted.
+        """
+        steps = self.num_steps if num_steps is None else _check_int("num_steps", num_steps, minimum=0)
+        return self._run(x, steps, train=False, init_params=init_params, noise=noise)
+
+    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        """λ_{t+1} from λ_t and the (clipped) ascent direction ∇_λ L_t; ``state`` starts as None."""
+        raise NotImplementedError
+
+    def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
+        if init_params is not None:
+            return _to_flat(self.family, self.space, init_params)
+        space = self.space
+        if self.encoder is None:
+            return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
+        encoded = dict(zip(("loc", "log_var"), self.encoder(x), strict=True))
+        flat = {n: v if isinstance(v, Tensor) else space.merge(v) for n, v in encoded.items()}
+        return self.family.constrain({name: flat[name] for name in self.family.param_names})
+
+    def _noise(self, noise: Tensor | None, t: int, x: Tensor) -> Tensor:
+        if noise is not None:
+            return noise[t]
+        if not self.family.stochastic:
+            return x.new_zeros(1, x.shape[0], self.space.total_dim)
+        shape = (self.num_samples, x.shape[0], self.space.total_dim)
+        return sample_noise(*shape, dtype=x.dtype, device=x.device)
+
+    def _run(
+        self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
+    ) -> InferenceResult:
+        model, family, space = self.model, self.family, self.space
+        _check_inputs(x, noise, num_steps=num_steps, num_samples=self.num_samples, space=space)
+        if not self._model_checked:
+            check_log_joint(model, x, space, num_samples=self.num_samples)
+            self._model_checked = True
+        prior = prior_moments(model, space) if self.analytic_kl else None
+        initial = self._initial_params(x, init_params)
+        trains_initial = train and any(p.requires_grad for p in initial.values())
+        unrolled = trains_initial and self.backprop_through_steps
+        start = {n: p.detach().requires_grad_(unrolled) for n, p in initial.items()}
+
+        params, state = start, None
+        elbos: list[Tensor] = []
+        norms: list[Tensor] = []
+        first_grads: Params = {}
+        for t in range(num_steps + 1):
+            final = t == num_steps
+            lam = params if unrolled and not final else _detach(params)
+            with torch.set_grad_enabled(train and (final or unrolled)):
+                values, grads = elbo_and_grad(model, family, lam, x, self._noise(noise, t, x), space=space,
+                                              prior=prior)
+                norm = torch.sqrt(sum(g.square().sum(-1) for g in grads.values()))
+                elbos.append(values.detach())
+                norms.append(norm.detach())
+                if t == 0:
+                    first_grads = _detach(grads)
+                if final:
+                    break
+                if self.max_grad_norm is not None:
+                    grads = clip_per_example(grads, norm, max_norm=self.max_grad_norm)
+                params, state = self._step(lam, grads if unrolled else _detach(grads), state)
+
+        elbo = torch.stack(elbos)
+        loss = -elbo[-1].mean()
+        if train:
+            graph_part = -values.mean() if values.requires_grad else loss.new_zeros(())
+            if trains_initial:
+                # λ̄ = dL_T/dλ_0 through the steps (unrolled), else ∇_{λ_0} L_0 (stop-gradient refinement).
+                cotangent = first_grads
+                if unrolled:
+                    names = list(grads)
+                    through = torch.autograd.grad([params[n] for n in names], [start[n] for n in names],
+                                                  grad_outputs=[grads[n].detach() for n in names])
+                    cotangent = dict(zip(names, through, strict=True))
+                encoder_part = sum((cotangent[n] * initial[n]).sum() for n in cotangent)
+                graph_part = graph_part - encoder_part / x.shape[0]
+            if graph_part.requires_grad:
+                loss = loss + (graph_part - graph_part.detach())
+        public, posterior = _to_public(family, space, params)
+        grad_norm = torch.stack(norms)
+        return InferenceResult(params=public, posterior=posterior, elbo=elbo, loss=loss, grad_norm=grad_norm)
+
+    def extra_repr(self) -> str:
+        return (
+            f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, "
+            f"num_samples={self.num_samples}, init={self.init!r}, max_grad_norm={self.max_grad_norm}"
+        )
+
+
+class StandardEncoder(_GradientRefinement):
+    """The standard (plain VAE) inference model: one amortized pass λ = encoder(x), no refinement.
+
+    ``infer(x, num_steps=T)`` keeps λ_t = λ_0, so ``result.elbo`` is ``[T + 1, B]`` like every other method's
+    (row t evaluated with ``noise[t]``): a flat line on an ELBO-versus-steps plot. ``forward(x).loss`` is the
+    VAE loss, the batch-mean −L(λ_0), and trains the encoder and the model.
+
+    Args:
+        model: anything with ``log_joint(x, z)``.
+        latent_dim: the size of z, or a dict of sizes for several latent variables.
+        init: the encoder: ``"encoder"`` (``model.encode``, default), ``"highway"`` (a built
+            :class:`HighwayEncoder`, a submodule), or any callable/module x → (loc, log_var).
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
+            :class:`~learned_inference.families.Family`.
+        num_samples: reparameterized samples S per ELBO evaluation.
+        analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
+        hidden_size: units per layer of a built highway encoder.
+        num_layers: hidden layers of a built highway encoder.
+
+    Example:
+        >>> import torch
+        >>> from learned_inference import DecoderModel, StandardEncoder
+        >>> model = DecoderModel(torch.nn.Linear(2, 10), likelihood="bernoulli", latent_dim=2)
+        >>> vae = StandardEncoder(model, latent_dim=2, init="highway", hidden_size=16)
+        >>> optim = torch.optim.Adam([*model.parameters(), *vae.parameters()], lr=1e-3)
+        >>> x = torch.bernoulli(torch.full((4, 10), 0.5))
+        >>> vae(x).loss.backward(); optim.step()
+        >>> vae.infer(x, num_steps=3).elbo.shape
+        torch.Size([4, 4])
+    """
+
+    def __init__(
+        self,
+        model: LatentModel,
+        *,
+        latent_dim: int | dict[str, int],
+        init: str | Encoder = "encoder",
+        family: str | Family = "diagonal_gaussian",
+        num_samples: int = 1,
+        analytic_kl: bool = True,
+        hidden_size: int = 512,
+        num_layers: int = 2,
+    ) -> None:
+        super().__init__(
+            model, latent_dim=latent_dim, num_steps=0, init=init, allow_prior=False, family=family,
+            num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=None, hidden_size=hidden_size,
+            num_layers=num_layers,
+        )
+
+    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        return params, state
+
+
+class GradientEStep(_GradientRefinement):
+    """Variational EM's expectation step: a ``torch.optim`` optimizer ascends each example's ELBO over λ.
+
+    At step t the optimizer gets the gradient −∇_λ L_t of every example's own ELBO (optionally clipped per
+    example) on the ``[B, D]`` tensors of λ, then λ is kept in the family's safe range. Use element-wise
+    optimizers (SGD, SGD with ``momentum``, RMSprop, Adam, Adagrad, ...): their update of one example's λ
+    depends only on that example's gradients. ``forward(x).loss`` trains the model on λ_T (the M-step) and,
+    with an encoder for λ_0, the encoder on its own ELBO L(λ_0) (Krishnan et al. 2018).
+
+    Args:
+        model: anything with ``log_joint(x, z)``.
+        latent_dim: the size of z, or a dict of sizes for several latent variables.
+        optimizer: a ``torch.optim.Optimizer`` class (default ``torch.optim.Adam``).
+        lr: its learning rate.
+        num_steps: steps T (default for :meth:`forward` and :meth:`infer`).
+        optimizer_options: further keyword arguments for ``optimizer`` (e.g. ``{"momentum": 0.9}``).
+        init: λ_0: ``"prior"`` (default), ``"encoder"`` (``model.encode``), ``"highway"`` (a built
+            :class:`HighwayEncoder`), or a callable x → (loc, log_var).
+        max_grad_norm: clip each example's λ-gradient to this norm (None: no clipping).
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
+            :class:`~learned_inference.families.Family`.
+        num_samples: reparameterized samples S per ELBO evaluation.
+        analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
+        hidden_size: units per layer of a built highway encoder.
+        num_layers: hidden layers of a built highway encoder.
+
+    Example:
+        >>> import torch
+        >>> from learned_inference import GradientEStep
+        >>> from learned_inference.zoo import ProbabilisticPCA
+        >>> _ = torch.manual_seed(0)
+        >>> model = ProbabilisticPCA.random(data_dim=5, latent_dim=2)
+        >>> e_step = GradientEStep(model, latent_dim=2, optimizer=torch.optim.SGD, lr=0.01, num_steps=300,
+        ...                        optimizer_options={"momentum": 0.5})
+        >>> x = model.sample(3)
+        >>> result = e_step.infer(x)
+        >>> gap_before = model.log_marginal(x) - model.exact_elbo(x, torch.zeros(3, 2), torch.zeros(3, 2))
+        >>> gap_after = model.log_marginal(x) - model.exact_elbo(x, *result.params.values())
+        >>> bool((gap_after < 0.1 * gap_before).all())
+        True
+    """
+
+    def __init__(
+        self,
+        model: LatentModel,
+        *,
+        latent_dim: int | dict[str, int],
+        optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+        lr: float = 0.1,
+        num_steps: int = 100,
+        optimizer_options: Mapping[str, Any] | None = None,
+        init: str | Encoder = "prior",
+        max_grad_norm: float | None = None,
+        family: str | Family = "diagonal_gaussian",
+        num_samples: int = 1,
+        analytic_kl: bool = True,
+        hidden_size: int = 512,
+        num_layers: int = 2,
+    ) -> None:
+        super().__init__(
+            model, latent_dim=latent_dim, num_steps=num_steps, init=init, allow_prior=True, family=family,
+            num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=max_grad_norm,
+            hidden_size=hidden_size, num_layers=num_layers,
+        )
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer class, got {optimizer!r}")
+        if issubclass(optimizer, torch.optim.LBFGS):
+            raise ValueError("optimizer must update element-wise, without a closure; LBFGS couples examples")
+        self.optimizer = optimizer
+        self.lr = lr
+        self.optimizer_options = dict(optimizer_options or {})
+        try:  # validate lr and the options now rather than at the first step
+            optimizer([torch.zeros(1, requires_grad=True)], lr=lr, **self.optimizer_options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"lr={lr!r} and optimizer_options={self.optimizer_options!r} are not valid for "
+                f"{optimizer.__name__}: {error}"
+            ) from error
+
+    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        if state is None:
+            leaves = {name: value.clone() for name, value in params.items()}
+            state = leaves, self.optimizer(list(leaves.values()), lr=self.lr, **self.optimizer_options)
+        leaves, optimizer = state
+        for name, leaf in leaves.items():
+            leaf.grad = -grads[name]
+        optimizer.step()
+        with torch.no_grad():
+            for name, value in self.family.constrain(leaves).items():
+                leaves[name].copy_(value)
+        return dict(leaves), state
+
+    def extra_repr(self) -> str:
+        return f"optimizer={self.optimizer.__name__}, lr={self.lr}, {super().extra_repr()}"
+
+
+class SemiAmortized(_GradientRefinement):
+    """Semi-amortized inference: an encoder's guess refined by K steps of momentum SGD with clipping.
+
+    λ_0 = encoder(x), then K steps of :func:`momentum_ascent_step` on per-example clipped gradients (Kim et
+    al. 2018, "Semi-Amortized Variational Autoencoders"). Training, ``forward(x).loss``: the model learns from
+    the refined λ_K (stop-gradient); the encoder learns
+
+    * with ``backprop_through_steps=True`` (Kim et al., default) from dL(λ_K)/dλ_0, differentiating through
+      the K steps (second-order: Hessian-vector products of the ELBO; memory grows with K);
+    * with ``backprop_through_steps=False`` (Krishnan et al. 2018) from its own ELBO L(λ_0).
+
+    Args:
+        model: anything with ``log_joint(x, z)``.
+        latent_dim: the size of z, or a dict of sizes for several latent variables.
+        num_steps: refinement steps K.
+        lr: the step size η.
+        momentum: the momentum μ.
+        max_grad_norm: clip each example's λ-gradient to this norm (None: no clipping).
+        backprop_through_steps: train the encoder through the steps (see above).
+        init: the encoder: ``"encoder"`` (``model.encode``, default), ``"highway"`` (a built
+            :class:`HighwayEncoder`), or a callable x → (loc, log_var).
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
+            :class:`~learned_inference.families.Family`.
+        num_samples: reparameterized samples S per ELBO evaluation.
+        analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
+        hidden_size: units per layer of a built highway encoder.
+        num_layers: hidden layers of a built highway encoder.
+
+    Example:
+        >>> import torch
+        >>> from learned_inference import DecoderModel, SemiAmortized
+        >>> model = DecoderModel(torch.nn.Linear(2, 10), likelihood="bernoulli", latent_dim=2)
+        >>> sa = SemiAmortized(model, latent_dim=2, init="highway", num_steps=3, hidden_size=16)
+        >>> result = sa(torch.bernoulli(torch.full((4, 10), 0.5)))
+        >>> result.loss.backward()
+        >>> result.elbo.shape, sa.encoder.loc.weight.grad is not None
+        (torch.Size([4, 4]), True)
+    """
+
+    def __init__(
+        self,
+        model: LatentModel,
+        *,
+        latent_dim: int | dict[str, int],
+        num_steps: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.5,
+        max_grad_norm: float | None = 5.0,
+        backprop_through_steps: bool = True,
+        init: str | Encoder = "encoder",
+        family: str | Family = "diagonal_gaussian",
+        num_samples: int = 1,
+        analytic_kl: bool = True,
+        hidden_size: int = 512,
+        num_layers: int = 2,
+    ) -> None:
+        super().__init__(
+            model, latent_dim=latent_dim, num_steps=num_steps, init=init, allow_prior=False, family=family,
+            num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=max_grad_norm,
+            hidden_size=hidden_size, num_layers=num_layers,
+        )
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.lr, self.momentum = float(lr), float(momentum)
+        self.backprop_through_steps = bool(backprop_through_steps)
+
+    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        params, velocity = momentum_ascent_step(params, grads, state, lr=self.lr, momentum=self.momentum)
+        return self.family.constrain(params), velocity
+
+    def extra_repr(self) -> str:
+        return (
+            f"lr={self.lr}, momentum={self.momentum}, backprop_through_steps={self.backprop_through_steps}, "
+            f"{super().extra_repr()}"
+        )
