@@ -41,6 +41,7 @@ from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEM
 from learned_inference.networks import HighwayMLP, RecurrentNetwork, UpdateNetwork
 from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
 from learned_inference.optimizer import InferenceResult, IterativeInferenceOptimizer
+from learned_inference.training import ModelWithInference
 from learned_inference.updates import GatedUpdate, ResidualUpdate, gated_update, residual_update
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "LatentSpace",
     "Likelihood",
     "LogSignGradient",
+    "ModelWithInference",
     "MultinomialLikelihood",
     "PosteriorParams",
     "RecurrentNetwork",
