@@ -1,0 +1,9 @@
+"""Lightning integration (extra ``lightning``): train a model and its learned optimizer with any strategy.
+
+Example:
+    >>> from learned_inference.integrations.lightning import IterativeInferenceModule
+"""
+
+from learned_inference.integrations.lightning.module import IterativeInferenceModule, batch_data
+
+__all__ = ["IterativeInferenceModule", "batch_data"]
