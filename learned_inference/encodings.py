@@ -199,6 +199,8 @@ def make_encoding(spec: str | Encoding | Sequence[str | Encoding]) -> Encoding:
         if spec not in _ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(_ENCODINGS)} or an Encoding, got {spec!r}")
         return _ENCODINGS[spec]()
+    if not isinstance(spec, Sequence):
+        raise TypeError(f"encoding must be a name, an Encoding or a sequence of them, got {type(spec).__name__}")
     parts = [make_encoding(s) for s in spec]
     if not parts:
         raise ValueError(f"encoding must name at least one of {sorted(_ENCODINGS)}, got an empty sequence")

@@ -263,8 +263,16 @@ def check_log_joint(model: LatentModel, x: Tensor, space: LatentSpace, *, num_sa
     batch = x.shape[0]
     shape = (num_samples, batch) if num_samples > 1 else (batch,)
     z = space.split(torch.zeros(*shape, space.total_dim, dtype=x.dtype, device=x.device))
-    with torch.no_grad():
-        out = model.log_joint(x, z)
+    z_desc = [*shape, space.total_dim] if space.names is None else {k: [*shape, v] for k, v in space.sizes.items()}
+    try:
+        with torch.no_grad():
+            out = model.log_joint(x, z)
+    except Exception as error:
+        raise ValueError(
+            f"model.log_joint(x, z) failed for x of shape {list(x.shape)} and z of shape {z_desc} "
+            f"(latent_dim={space.sizes if space.names is not None else space.total_dim}): {error!r}. Check that "
+            "latent_dim matches the model (a dict of sizes for several latent variables)."
+        ) from error
     if not isinstance(out, Tensor):
         raise TypeError(f"model.log_joint(x, z) must return a Tensor, got {type(out).__name__}")
     if tuple(out.shape) != shape:

@@ -13,6 +13,7 @@ Training (paper App. B.3): the update network's loss is the mean over steps of �
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInpu
 from learned_inference.families import Family, Params, make_family
 from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
 from learned_inference.networks import UpdateNetwork, make_network
-from learned_inference.objectives import PriorMoments, elbo_and_grad, prior_moments, sample_noise
+from learned_inference.objectives import PriorMoments, elbo, elbo_and_grad, prior_moments, sample_noise
 from learned_inference.updates import make_update
 
 __all__ = ["InferenceResult", "IterativeInferenceOptimizer", "observation_errors"]
@@ -77,6 +78,63 @@ def observation_errors(
     return x - mean_x, (z - prior[0].to(z)).mean(0)
 
 
+def _full_precision(x: Tensor) -> Any:
+    """Disables autocast (so the λ-gradient and the encodings are computed in x's own precision)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+class _Trace:
+    """What a run collects step by step: ELBOs, gradient norms, health masks and the update network's loss."""
+
+    def __init__(self, *, batch: int, num_steps: int, x: Tensor) -> None:
+        self.batch, self.num_steps = batch, num_steps
+        self.elbos: list[Tensor] = []
+        self.norms: list[Tensor] = []
+        self.healthy: list[Tensor] = []
+        self.phi: list[Tensor] = []
+        self.phi_grads: list[Tensor] | None = None
+        self.surrogate = x.new_zeros(())
+        self.final_values: Tensor | None = None
+
+    def record(self, values: Tensor, grads: Params) -> Tensor:
+        """Stores step t's ELBO and gradient norm; returns the per-example mask of finite ELBO and gradient."""
+        values = values.detach()
+        healthy = torch.isfinite(values)
+        for g in grads.values():
+            healthy = healthy & torch.isfinite(g.detach()).all(-1)
+        self.elbos.append(values)
+        self.norms.append(torch.sqrt(sum(g.detach().square().sum(-1) for g in grads.values())))
+        self.healthy.append(healthy)
+        return healthy
+
+    def add_phi_grads(self, grads: list[Tensor]) -> None:
+        self.phi_grads = grads if self.phi_grads is None else [a + g for a, g in zip(self.phi_grads, grads,
+                                                                                     strict=True)]
+
+    def elbo(self) -> Tensor:
+        return torch.stack(self.elbos)
+
+    def unhealthy_examples(self) -> Tensor:
+        """Indices of the examples whose ELBO or gradient was not finite at some step."""
+        return (~torch.stack(self.healthy).all(0)).nonzero().flatten()
+
+    def loss(self, final_loss: Tensor | None) -> Tensor:
+        """The scalar loss: value = mean over steps 1..T (or step 0) of the healthy examples' −ELBO; gradient =
+        the update network's accumulated step losses + the model's final-step loss + any surrogates."""
+        elbo, healthy = self.elbo(), torch.stack(self.healthy)
+        if self.num_steps > 0:
+            elbo, healthy = elbo[1:], healthy[1:]
+        value = -torch.where(healthy, elbo, 0.0).sum() / healthy.sum().clamp(min=1)
+        graph_part = self.surrogate
+        if final_loss is not None:
+            graph_part = graph_part + final_loss
+        if self.phi_grads is not None:
+            graph_part = graph_part + _GradientInjection.apply(self.phi_grads, *self.phi)
+        if not graph_part.requires_grad:
+            return value
+        return value + (graph_part - graph_part.detach())
+
+
 def _detach(params: Params) -> Params:
     return {name: value.detach() for name, value in params.items()}
 
@@ -113,6 +171,9 @@ class IterativeInferenceOptimizer(nn.Module):
             feed-forward networks (constant memory), True for recurrent ones.
         second_order: feed the network gradients that stay differentiable (∇λL with its graph), so training
             differentiates through them; needs ``backprop_through_steps``.
+        on_nonfinite: what to do when some examples' ELBO or λ-gradient is not finite (e.g. an overflowing
+            decoder): ``"warn"`` (default: those examples keep their λ and are left out of the loss, the others are
+            unaffected, and a ``RuntimeWarning`` names them) or ``"raise"`` (``FloatingPointError``).
 
     Example:
         >>> import torch
@@ -144,6 +205,7 @@ class IterativeInferenceOptimizer(nn.Module):
         analytic_kl: bool = True,
         backprop_through_steps: bool | None = None,
         second_order: bool = False,
+        on_nonfinite: str = "warn",
     ) -> None:
         super().__init__()
         check_model(model)
@@ -179,6 +241,9 @@ class IterativeInferenceOptimizer(nn.Module):
         if second_order and not self.backprop_through_steps:
             raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
         self.second_order = second_order
+        if on_nonfinite not in ("warn", "raise"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         self._model_checked = False
 
     @property
@@ -231,6 +296,13 @@ class IterativeInferenceOptimizer(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
+            raise ValueError(
+                f"x contains NaN or infinite values in {bad.numel()} example(s) (first: {bad[:5].tolist()}); "
+                "clean or drop them before inference"
+            )
+        self._check_placement(x)
         if noise is not None:
             shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
             if list(noise.shape) != shape:
@@ -239,6 +311,21 @@ class IterativeInferenceOptimizer(nn.Module):
             check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
             self._model_checked = True
         self._materialize(x)
+
+    def _check_placement(self, x: Tensor) -> None:
+        """x, the model and the update network must share device and dtype (nothing is moved silently)."""
+        for owner, module in (("the model", self.model), ("the update network", self)):
+            parameters = module.parameters() if isinstance(module, nn.Module) else ()
+            first = next((p for p in parameters if p.is_floating_point()), None)
+            if first is None:
+                continue
+            if first.device != x.device:
+                raise ValueError(f"x is on {x.device} but {owner}'s parameters are on {first.device}; move one of "
+                                 f"them (e.g. x.to({str(first.device)!r}))")
+            if first.dtype != x.dtype:
+                what = "inference" if owner == "the update network" else "model"
+                raise ValueError(f"x has dtype {x.dtype} but {owner}'s parameters are {first.dtype}; convert one "
+                                 f"of them (e.g. {what}.to({x.dtype}) or x.to({first.dtype}))")
 
     def _materialize(self, x: Tensor) -> None:
         """Sizes the lazy input layer from the first batch, even when that call runs no refinement step."""
@@ -292,70 +379,97 @@ class IterativeInferenceOptimizer(nn.Module):
     ) -> InferenceResult:
         self._check_inputs(x, num_steps, noise)
         model, family, space = self.model, self.family, self.space
-        batch = x.shape[0]
         prior = prior_moments(model, space)
         kl_prior = prior if self.analytic_kl else None
         bptt, second_order = self.backprop_through_steps, self.second_order
         params = self._initial_params(x, init_params)
-
-        elbos: list[Tensor] = []
-        norms: list[Tensor] = []
-        phi_grads: list[Tensor] | None = None
-        phi: list[Tensor] = []
-        surrogate = x.new_zeros(())
+        trace = _Trace(batch=x.shape[0], num_steps=num_steps, x=x)
         state = None
-        final_values = None
         for t in range(num_steps + 1):
             eps = self._noise(noise, t, x)
             final = t == num_steps
             lam = params if second_order else _detach(params)
-            with torch.set_grad_enabled(train and (final or second_order)):
+            # The λ-gradient (and so the encodings) stay in full precision under autocast.
+            with torch.set_grad_enabled(train and (final or second_order)), _full_precision(x):
                 values, grads = elbo_and_grad(model, family, lam, x, eps, space=space, prior=kl_prior)
-            elbos.append(values.detach())
-            norms.append(torch.sqrt(sum(g.detach().square().sum(-1) for g in grads.values())))
+            healthy = trace.record(values, grads)
+            grads = {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}
             if train and any(p.requires_grad for p in params.values()):
-                # d(−L_t)/dλ_t = −∇λL_t: a surrogate (BPTT, encoder) or an immediate VJP (feed-forward).
-                weight = 1.0 / (batch * num_steps) if t > 0 else 1.0 / batch
-                if t > 0 and not bptt:
-                    phi = [p for p in self.parameters() if p.requires_grad]
-                    step_grads = torch.autograd.grad(
-                        [params[n] for n in grads],
-                        phi,
-                        grad_outputs=[-weight * grads[n].detach() for n in grads],
-                        allow_unused=True,
-                    )
-                    step_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(phi, step_grads, strict=True)]
-                    phi_grads = step_grads if phi_grads is None else [a + g for a, g in zip(phi_grads, step_grads,
-                                                                                             strict=True)]
-                else:
-                    surrogate = surrogate - weight * sum((grads[n].detach() * params[n]).sum() for n in grads)
+                self._learn_from_step(trace, t, params, grads, bptt=bptt)
             if final:
-                final_values = values
+                trace.final_values = values
                 break
             errors = None
             if self.encoding.needs_errors:
-                with torch.no_grad():
+                with torch.no_grad(), _full_precision(x):
                     errors = observation_errors(model, family, lam, x, eps, space=space, prior=prior)
-            grad_inputs = grads if second_order else {n: g.detach() for n, g in grads.items()}
+                    errors = tuple(torch.where(healthy.view(-1, *[1] * (e.dim() - 1)), e, 0.0) for e in errors)
+            grad_inputs = grads if second_order else _detach(grads)
             with torch.set_grad_enabled(train):
                 base = params if bptt else lam
-                features = self.encoding(EncodingInputs(grads=grad_inputs, params=base, x=x, errors=errors))
+                with _full_precision(x):
+                    features = self.encoding(EncodingInputs(grads=grad_inputs, params=base, x=x, errors=errors))
                 hidden, state = self.network(features, state)
-                params = family.constrain(self.update(hidden, base))
+                updated = family.constrain(self.update(hidden, base))
+                # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing).
+                params = {n: torch.where(healthy[:, None], v.to(base[n].dtype), base[n]) for n, v in updated.items()}
 
-        elbo = torch.stack(elbos)
-        value = -(elbo[1:] if num_steps > 0 else elbo).mean()
-        loss = value
-        if train:
-            graph_part = surrogate
-            if final_values is not None and final_values.requires_grad:
-                graph_part = graph_part - final_values.mean()
-            if phi_grads is not None:
-                graph_part = graph_part + _GradientInjection.apply(phi_grads, *phi)
-            if graph_part.requires_grad:
-                loss = value + (graph_part - graph_part.detach())
+        final_loss = self._final_model_loss(trace, params, x, num_steps, noise, kl_prior) if train else None
+        self._report_unhealthy(trace)
+        loss = trace.loss(final_loss)
         public, posterior = self._public(params)
-        return InferenceResult(params=public, posterior=posterior, elbo=elbo, loss=loss, grad_norm=torch.stack(norms))
+        return InferenceResult(params=public, posterior=posterior, elbo=trace.elbo(), loss=loss,
+                               grad_norm=torch.stack(trace.norms))
+
+    def _report_unhealthy(self, trace: _Trace) -> None:
+        bad = trace.unhealthy_examples()
+        if bad.numel() == 0:
+            return
+        shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.numel() > 10 else "")
+        message = (
+            f"{bad.numel()} of {trace.batch} examples had a non-finite ELBO or λ-gradient (examples {shown}); their "
+            "λ was kept at its last finite value and they were left out of the loss. Their entries in "
+            "result.elbo are not finite. Check the model for overflow (e.g. unbounded decoder outputs)."
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _learn_from_step(self, trace: _Trace, t: int, params: Params, grads: Params, *, bptt: bool) -> None:
+        """Adds step t's share of the update network's loss: d(−L_t)/dλ_t = −∇λL_t, as an immediate VJP
+        (feed-forward: the graph of λ_t is freed now) or as a surrogate ⟨−∇λL_t, λ_t⟩ kept in the graph (BPTT,
+        and a trainable encoder at t = 0)."""
+        weight = 1.0 / (trace.batch * trace.num_steps) if t > 0 else 1.0 / trace.batch
+        if t > 0 and not bptt:
+            trace.phi = [p for p in self.parameters() if p.requires_grad]
+            step_grads = torch.autograd.grad(
+                [params[n] for n in grads], trace.phi, grad_outputs=[-weight * g.detach() for g in grads.values()],
+                allow_unused=True,
+            )
+            trace.add_phi_grads([torch.zeros_like(p) if g is None else g for p, g in zip(trace.phi, step_grads,
+                                                                                       strict=True)])
+        else:
+            trace.surrogate = trace.surrogate - weight * sum((g.detach() * params[n]).sum() for n, g in grads.items())
+
+    def _final_model_loss(
+        self, trace: _Trace, params: Params, x: Tensor, num_steps: int, noise: Tensor | None,
+        prior: PriorMoments | None,
+    ) -> Tensor | None:
+        """−L_T averaged over the healthy examples, with the graph to the model's parameters."""
+        values = trace.final_values
+        if values is None or not values.requires_grad:
+            return None
+        healthy = trace.healthy[-1]
+        if bool(healthy.all()):
+            return -values.mean()
+        if not bool(healthy.any()):
+            return None
+        # Re-evaluate on the healthy rows only: a non-finite row would turn 0 · inf into NaN in the backward pass.
+        eps = self._noise(noise, num_steps, x)[:, healthy]
+        with _full_precision(x):
+            kept = elbo(self.model, self.family, {n: v.detach()[healthy] for n, v in params.items()}, x[healthy],
+                        eps, space=self.space, prior=prior)
+        return -kept.mean()
 
     def extra_repr(self) -> str:
         return (

@@ -112,6 +112,7 @@ class ProbabilisticPCA(nn.Module):
         var_x = torch.exp(self.log_var)
         residual = x - self.likelihood_mean(loc)
         trace = (torch.exp(log_var) * self.weight.square().sum(0)).sum(-1)
-        expected_ll = -0.5 * (x.shape[-1] * torch.log(2 * math.pi * var_x) + (residual.square().sum(-1) + trace) / var_x)
+        squared = residual.square().sum(-1) + trace
+        expected_ll = -0.5 * (x.shape[-1] * torch.log(2 * math.pi * var_x) + squared / var_x)
         kl = 0.5 * (torch.exp(log_var) + loc.square() - 1.0 - log_var).sum(-1)
         return expected_ll - kl
