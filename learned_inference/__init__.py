@@ -29,6 +29,7 @@ from learned_inference.encodings import (
     make_encoding,
 )
 from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
+from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.likelihoods import (
     BernoulliLikelihood,
     BernoulliProbsLikelihood,
@@ -40,7 +41,7 @@ from learned_inference.likelihoods import (
 from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
 from learned_inference.networks import HighwayMLP, RecurrentNetwork, UpdateNetwork
 from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
-from learned_inference.optimizer import InferenceResult, IterativeInferenceOptimizer
+from learned_inference.optimizer import IterativeInferenceOptimizer
 from learned_inference.training import ModelWithInference
 from learned_inference.updates import GatedUpdate, ResidualUpdate, gated_update, residual_update
 
@@ -64,6 +65,7 @@ __all__ = [
     "GradientEStep",
     "HighwayEncoder",
     "HighwayMLP",
+    "InferenceMethod",
     "InferenceResult",
     "IterativeInferenceOptimizer",
     "LatentModel",

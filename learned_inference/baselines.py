@@ -36,13 +36,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution
 
-from learned_inference.families import Family, Params, make_family
-from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
+from learned_inference.families import Family, Params
+from learned_inference.inference import InferenceMethod, InferenceResult, check_int, detach
+from learned_inference.model import LatentModel
 from learned_inference.networks import HighwayMLP
-from learned_inference.objectives import elbo_and_grad, prior_moments, sample_noise
-from learned_inference.optimizer import InferenceResult, _check_int, _detach
+from learned_inference.objectives import elbo_and_grad, prior_moments
 
 __all__ = [
     "GradientEStep",
@@ -77,7 +76,7 @@ class HighwayEncoder(nn.Module):
 
     def __init__(self, latent_dim: int, *, hidden_size: int = 512, num_layers: int = 2) -> None:
         super().__init__()
-        _check_int("latent_dim", latent_dim, minimum=1)
+        check_int("latent_dim", latent_dim, minimum=1)
         self.body = HighwayMLP(hidden_size=hidden_size, num_layers=num_layers)
         self.loc = nn.Linear(hidden_size, latent_dim)
         self.log_var = nn.Linear(hidden_size, latent_dim)
@@ -127,46 +126,7 @@ def momentum_ascent_step(
     return {name: params[name] + lr * velocity[name] for name in params}, velocity
 
 
-def _check_inputs(
-    x: object, noise: Tensor | None, *, num_steps: int, num_samples: int, space: LatentSpace
-) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
-    if noise is not None:
-        shape = [num_steps + 1, num_samples, x.shape[0], space.total_dim]
-        if list(noise.shape) != shape:
-            raise ValueError(
-                f"noise must have shape {shape} ([num_steps + 1, S, B, D]), got {list(noise.shape)}"
-            )
-
-
-def _to_flat(family: Family, space: LatentSpace, params: Mapping[str, Any]) -> Params:
-    """The public form of λ (per variable for several latents) → the flat internal form."""
-    names = family.param_names
-    if space.names is not None:
-        params = {p: space.merge({v: params[v][p] for v in space.names}) for p in names}
-    if set(params) != set(names):
-        raise ValueError(f"init_params must have entries {list(names)}, got {sorted(params)}")
-    return {name: params[name] for name in names}
-
-
-def _to_public(
-    family: Family, space: LatentSpace, params: Params
-) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
-    """The flat internal λ → (public params, posterior), detached."""
-    params = _detach(params)
-    if space.names is None:
-        return params, family.distribution(params)
-    pieces = {p: space.split(value) for p, value in params.items()}
-    per_var = {v: {p: pieces[p][v] for p in params} for v in space.names}  # type: ignore[index]
-    return per_var, {v: family.distribution(per_var[v]) for v in space.names}
-
-
-class _GradientRefinement(nn.Module):
+class _GradientRefinement(InferenceMethod):
     """The shared machinery: λ_0 (prior, or an encoder), then ``_step`` applied to ∇_λ L for T steps."""
 
     #: whether :meth:`forward` backpropagates through the steps (needs a differentiable ``_step``)
@@ -187,19 +147,13 @@ class _GradientRefinement(nn.Module):
         hidden_size: int,
         num_layers: int,
     ) -> None:
-        super().__init__()
-        check_model(model)
-        # The model is the user's: keep a plain reference, not a submodule.
-        object.__setattr__(self, "_model", model)
-        self.space = LatentSpace(latent_dim)
-        self.num_steps = _check_int("num_steps", num_steps, minimum=0)
-        self.num_samples = _check_int("num_samples", num_samples, minimum=1)
-        self.family = make_family(family)
-        self.analytic_kl = analytic_kl
+        super().__init__(
+            model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
+            analytic_kl=analytic_kl,
+        )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
-        self._model_checked = False
         self.init = init if isinstance(init, str) else "callable"
         self.encoder: Encoder | None = None
         if init == "prior" and allow_prior:
@@ -222,12 +176,9 @@ class _GradientRefinement(nn.Module):
                 f"init must be {options}'encoder', 'highway', or a callable x -> (loc, log_var), got {init!r}"
             )
 
-    @property
-    def model(self) -> LatentModel:
-        """The user's model (not a submodule)."""
-        return self._model  # type: ignore[no-any-return]
-
-    def forward(self, x: Tensor, *, init_params: Params | None = None) -> InferenceResult:
+    def forward(
+        self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
+    ) -> InferenceResult:
         """Runs ``num_steps`` steps and returns a result whose ``loss`` trains the model and the encoder.
 
         ``result.loss`` has the value of the batch-mean −L at λ_T; its gradient reaches the user's model
@@ -236,30 +187,9 @@ class _GradientRefinement(nn.Module):
         Args:
             x: a batch ``[B, *event]`` of floating-point data.
             init_params: an explicit λ_0 (a dict like ``result.params``) instead of the prior or encoder.
+            noise: the reparameterization noise, as in :meth:`infer`.
         """
-        train = torch.is_grad_enabled()
-        return self._run(x, self.num_steps, train=train, init_params=init_params, noise=None)
-
-    @torch.no_grad()
-    def infer(
-        self,
-        x: Tensor,
-        *,
-        num_steps: int | None = None,
-        init_params: Params | None = None,
-        noise: Tensor | None = None,
-    ) -> InferenceResult:
-        """Test-time inference: any number of steps, no training graph.
-
-        Args:
-            x: a batch ``[B, *event]``.
-            num_steps: steps T (default: ``num_steps`` given at construction).
-            init_params: an explicit λ_0 instead of the prior or encoder.
-            noise: the reparameterization noise for every step, ``[T + 1, S, B, D]`` (common random numbers
-                for comparisons); drawn from the global generator when omitted.
-        """
-        steps = self.num_steps if num_steps is None else _check_int("num_steps", num_steps, minimum=0)
-        return self._run(x, steps, train=False, init_params=init_params, noise=noise)
+        return super().forward(x, init_params=init_params, noise=noise)
 
     def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         """λ_{t+1} from λ_t and the (clipped) ascent direction ∇_λ L_t; ``state`` starts as None."""
@@ -267,7 +197,7 @@ class _GradientRefinement(nn.Module):
 
     def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
         if init_params is not None:
-            return _to_flat(self.family, self.space, init_params)
+            return self._flatten(init_params)
         space = self.space
         if self.encoder is None:
             return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
@@ -275,22 +205,11 @@ class _GradientRefinement(nn.Module):
         flat = {n: v if isinstance(v, Tensor) else space.merge(v) for n, v in encoded.items()}
         return self.family.constrain({name: flat[name] for name in self.family.param_names})
 
-    def _noise(self, noise: Tensor | None, t: int, x: Tensor) -> Tensor:
-        if noise is not None:
-            return noise[t]
-        if not self.family.stochastic:
-            return x.new_zeros(1, x.shape[0], self.space.total_dim)
-        shape = (self.num_samples, x.shape[0], self.space.total_dim)
-        return sample_noise(*shape, dtype=x.dtype, device=x.device)
-
     def _run(
         self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
     ) -> InferenceResult:
         model, family, space = self.model, self.family, self.space
-        _check_inputs(x, noise, num_steps=num_steps, num_samples=self.num_samples, space=space)
-        if not self._model_checked:
-            check_log_joint(model, x, space, num_samples=self.num_samples)
-            self._model_checked = True
+        self._check_inputs(x, num_steps, noise)
         prior = prior_moments(model, space) if self.analytic_kl else None
         initial = self._initial_params(x, init_params)
         trains_initial = train and any(p.requires_grad for p in initial.values())
@@ -303,7 +222,7 @@ class _GradientRefinement(nn.Module):
         first_grads: Params = {}
         for t in range(num_steps + 1):
             final = t == num_steps
-            lam = params if unrolled and not final else _detach(params)
+            lam = params if unrolled and not final else detach(params)
             with torch.set_grad_enabled(train and (final or unrolled)):
                 values, grads = elbo_and_grad(model, family, lam, x, self._noise(noise, t, x), space=space,
                                               prior=prior)
@@ -311,12 +230,12 @@ class _GradientRefinement(nn.Module):
                 elbos.append(values.detach())
                 norms.append(norm.detach())
                 if t == 0:
-                    first_grads = _detach(grads)
+                    first_grads = detach(grads)
                 if final:
                     break
                 if self.max_grad_norm is not None:
                     grads = clip_per_example(grads, norm, max_norm=self.max_grad_norm)
-                params, state = self._step(lam, grads if unrolled else _detach(grads), state)
+                params, state = self._step(lam, grads if unrolled else detach(grads), state)
 
         elbo = torch.stack(elbos)
         loss = -elbo[-1].mean()
@@ -334,7 +253,7 @@ class _GradientRefinement(nn.Module):
                 graph_part = graph_part - encoder_part / x.shape[0]
             if graph_part.requires_grad:
                 loss = loss + (graph_part - graph_part.detach())
-        public, posterior = _to_public(family, space, params)
+        public, posterior = self._public(params)
         grad_norm = torch.stack(norms)
         return InferenceResult(params=public, posterior=posterior, elbo=elbo, loss=loss, grad_norm=grad_norm)
 

@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from learned_inference.baselines import GradientEStep
+from learned_inference.inference import InferenceResult, check_int
 from learned_inference.model import LatentModel
-from learned_inference.optimizer import InferenceResult, _check_int
 
 __all__ = [
     "amortization_gap",
@@ -74,8 +74,8 @@ def _chunks(
     model: LatentModel, posterior: Posterior, x: Tensor, *, num_samples: int, chunk_size: int
 ) -> Iterator[Tensor]:
     """Log weights ``[c, B]`` in float64, ``chunk_size`` samples at a time, ``num_samples`` in all."""
-    _check_int("num_samples", num_samples, minimum=1)
-    _check_int("chunk_size", chunk_size, minimum=1)
+    check_int("num_samples", num_samples, minimum=1)
+    check_int("chunk_size", chunk_size, minimum=1)
     for begin in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - begin)
         yield log_weights(model, posterior, x, num_samples=size).double()

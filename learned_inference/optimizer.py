@@ -15,44 +15,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch import Tensor
 from torch.nn.parameter import is_lazy
 
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
-from learned_inference.families import Family, Params, make_family
-from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
+from learned_inference.families import Family, Params
+from learned_inference.inference import InferenceMethod, InferenceResult, check_int, detach
+from learned_inference.model import LatentModel, LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
-from learned_inference.objectives import PriorMoments, elbo, elbo_and_grad, prior_moments, sample_noise
+from learned_inference.objectives import PriorMoments, elbo, elbo_and_grad, prior_moments
 from learned_inference.updates import make_update
 
 __all__ = ["InferenceResult", "IterativeInferenceOptimizer", "observation_errors"]
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """What a run of inference returns.
-
-    Attributes:
-        params: the final λ, detached: a dict of ``[B, D]`` tensors (``{"loc", "log_var"}`` for a Gaussian), or
-            for several latent variables a dict of such dicts keyed by variable name.
-        posterior: q_λ as a ``torch.distributions.Distribution`` with batch shape ``[B]`` (a dict of them for
-            several latent variables).
-        elbo: ``[num_steps + 1, B]`` per-example ELBO estimates at λ_0 (the initial estimate), ..., λ_T.
-        loss: a scalar; ``loss.backward()`` trains (see :meth:`IterativeInferenceOptimizer.forward`). Its value
-            is the mean over steps 1..T of the batch-mean −ELBO (−ELBO at λ_0 when T = 0).
-        grad_norm: ``[num_steps + 1, B]`` per-example norms of ∇_λ L at every step.
-    """
-
-    params: dict[str, Any]
-    posterior: Distribution | dict[str, Distribution]
-    elbo: Tensor
-    loss: Tensor
-    grad_norm: Tensor
 
 
 class _GradientInjection(torch.autograd.Function):
@@ -135,17 +112,7 @@ class _Trace:
         return value + (graph_part - graph_part.detach())
 
 
-def _detach(params: Params) -> Params:
-    return {name: value.detach() for name, value in params.items()}
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-class IterativeInferenceOptimizer(nn.Module):
+class IterativeInferenceOptimizer(InferenceMethod):
     """A learned optimizer that refines approximate posteriors q_λ(z | x) of a latent model.
 
     Implements iterative amortized inference (Marino, Yue & Mandt 2018): λ_{t+1} = g ⊙ λ_t + (1 − g) ⊙ f(enc_t)
@@ -207,23 +174,18 @@ class IterativeInferenceOptimizer(nn.Module):
         second_order: bool = False,
         on_nonfinite: str = "warn",
     ) -> None:
-        super().__init__()
-        check_model(model)
-        # The model is the user's: keep a plain reference, not a submodule.
-        object.__setattr__(self, "_model", model)
-        self.space = LatentSpace(latent_dim)
-        self.num_steps = _check_int("num_steps", num_steps, minimum=0)
-        self.num_samples = _check_int("num_samples", num_samples, minimum=1)
-        _check_int("hidden_size", hidden_size, minimum=1)
-        _check_int("num_layers", num_layers, minimum=1)
-        self.family = make_family(family)
+        super().__init__(
+            model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
+            analytic_kl=analytic_kl,
+        )
+        check_int("hidden_size", hidden_size, minimum=1)
+        check_int("num_layers", num_layers, minimum=1)
         self.encoding = make_encoding(encoding)
         if init not in ("prior", "encoder"):
             raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
         if init == "encoder" and not callable(getattr(model, "encode", None)):
             raise ValueError(f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has none")
         self.init = init
-        self.analytic_kl = analytic_kl
         if self.encoding.needs_errors:
             for method in ("likelihood_mean", "prior"):
                 if not callable(getattr(model, method, None)):
@@ -244,12 +206,6 @@ class IterativeInferenceOptimizer(nn.Module):
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
-        self._model_checked = False
-
-    @property
-    def model(self) -> LatentModel:
-        """The user's model (not a submodule)."""
-        return self._model  # type: ignore[no-any-return]
 
     def forward(
         self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
@@ -259,73 +215,19 @@ class IterativeInferenceOptimizer(nn.Module):
         ``result.loss.backward()`` gives the update network the gradient of the mean over steps t = 1..T of the
         batch-mean −L_t, the user's model the gradient of the batch-mean −L_T at the (detached) final λ, and a
         trainable encoder (``init="encoder"``) the gradient of −L_0. Models whose parameters are frozen, or are
-        not in the optimizer, simply get refined posteriors.
+        not in the optimizer, simply get refined posteriors. Examples with a non-finite ELBO or gradient are left
+        out (see ``on_nonfinite``).
 
         Args:
             x: a batch ``[B, *event]`` of floating-point data.
             init_params: an explicit λ_0 (a dict like ``result.params``) instead of the prior or encoder.
             noise: the reparameterization noise, as in :meth:`infer`.
         """
-        return self._run(x, self.num_steps, train=torch.is_grad_enabled(), init_params=init_params, noise=noise)
-
-    @torch.no_grad()
-    def infer(
-        self,
-        x: Tensor,
-        *,
-        num_steps: int | None = None,
-        init_params: Params | None = None,
-        noise: Tensor | None = None,
-    ) -> InferenceResult:
-        """Test-time inference: any number of steps, no training graph (memory constant in the steps).
-
-        Args:
-            x: a batch ``[B, *event]``.
-            num_steps: refinement steps (default: the training ``num_steps``).
-            init_params: an explicit λ_0 instead of the prior or encoder.
-            noise: the reparameterization noise for every step, ``[num_steps + 1, S, B, D]`` (common random
-                numbers for comparisons); drawn from the global generator when omitted.
-        """
-        steps = self.num_steps if num_steps is None else _check_int("num_steps", num_steps, minimum=0)
-        return self._run(x, steps, train=False, init_params=init_params, noise=noise)
+        return super().forward(x, init_params=init_params, noise=noise)
 
     def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
-        if x.dim() < 2 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
-            raise ValueError(
-                f"x contains NaN or infinite values in {bad.numel()} example(s) (first: {bad[:5].tolist()}); "
-                "clean or drop them before inference"
-            )
-        self._check_placement(x)
-        if noise is not None:
-            shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
-            if list(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} ([num_steps + 1, S, B, D]), got {list(noise.shape)}")
-        if not self._model_checked:
-            check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
-            self._model_checked = True
+        super()._check_inputs(x, num_steps, noise)
         self._materialize(x)
-
-    def _check_placement(self, x: Tensor) -> None:
-        """x, the model and the update network must share device and dtype (nothing is moved silently)."""
-        for owner, module in (("the model", self.model), ("the update network", self)):
-            parameters = module.parameters() if isinstance(module, nn.Module) else ()
-            first = next((p for p in parameters if p.is_floating_point()), None)
-            if first is None:
-                continue
-            if first.device != x.device:
-                raise ValueError(f"x is on {x.device} but {owner}'s parameters are on {first.device}; move one of "
-                                 f"them (e.g. x.to({str(first.device)!r}))")
-            if first.dtype != x.dtype:
-                what = "inference" if owner == "the update network" else "model"
-                raise ValueError(f"x has dtype {x.dtype} but {owner}'s parameters are {first.dtype}; convert one "
-                                 f"of them (e.g. {what}.to({x.dtype}) or x.to({first.dtype}))")
 
     def _materialize(self, x: Tensor) -> None:
         """Sizes the lazy input layer from the first batch, even when that call runs no refinement step."""
@@ -340,39 +242,12 @@ class IterativeInferenceOptimizer(nn.Module):
     def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
         names = self.family.param_names
         if init_params is not None:
-            given = self._flatten(init_params)
-            if set(given) != set(names):
-                raise ValueError(f"init_params must have entries {list(names)}, got {sorted(given)}")
-            return {name: given[name] for name in names}
+            return self._flatten(init_params)
         if self.init == "encoder":
             loc, log_var = self.model.encode(x)  # type: ignore[attr-defined]
             encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
             return self.family.constrain({name: encoded[name] for name in names})
         return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
-
-    def _flatten(self, params: dict[str, Any]) -> Params:
-        """The public form of λ (per variable for several latents) → the flat internal form."""
-        if self.space.names is None:
-            return dict(params)
-        names = self.family.param_names
-        return {p: self.space.merge({v: params[v][p] for v in self.space.names}) for p in names}
-
-    def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
-        """The flat internal λ → (public params, posterior)."""
-        params = _detach(params)
-        if self.space.names is None:
-            return params, self.family.distribution(params)
-        pieces = {p: self.space.split(value) for p, value in params.items()}
-        per_var = {v: {p: pieces[p][v] for p in params} for v in self.space.names}  # type: ignore[index]
-        return per_var, {v: self.family.distribution(per_var[v]) for v in self.space.names}
-
-    def _noise(self, noise: Tensor | None, t: int, x: Tensor) -> Tensor:
-        if noise is not None:
-            return noise[t]
-        shape = (self.num_samples, x.shape[0], self.space.total_dim)
-        if not self.family.stochastic:
-            return x.new_zeros(1, *shape[1:])
-        return sample_noise(*shape, dtype=x.dtype, device=x.device)
 
     def _run(
         self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
@@ -388,7 +263,7 @@ class IterativeInferenceOptimizer(nn.Module):
         for t in range(num_steps + 1):
             eps = self._noise(noise, t, x)
             final = t == num_steps
-            lam = params if second_order else _detach(params)
+            lam = params if second_order else detach(params)
             # The λ-gradient (and so the encodings) stay in full precision under autocast.
             with torch.set_grad_enabled(train and (final or second_order)), _full_precision(x):
                 values, grads = elbo_and_grad(model, family, lam, x, eps, space=space, prior=kl_prior)
@@ -404,7 +279,7 @@ class IterativeInferenceOptimizer(nn.Module):
                 with torch.no_grad(), _full_precision(x):
                     errors = observation_errors(model, family, lam, x, eps, space=space, prior=prior)
                     errors = tuple(torch.where(healthy.view(-1, *[1] * (e.dim() - 1)), e, 0.0) for e in errors)
-            grad_inputs = grads if second_order else _detach(grads)
+            grad_inputs = grads if second_order else detach(grads)
             with torch.set_grad_enabled(train):
                 base = params if bptt else lam
                 with _full_precision(x):

@@ -37,8 +37,9 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from learned_inference.families import Params
+from learned_inference.inference import InferenceResult
 from learned_inference.model import LatentModel
-from learned_inference.optimizer import InferenceResult, IterativeInferenceOptimizer
+from learned_inference.optimizer import IterativeInferenceOptimizer
 
 __all__ = ["ModelWithInference"]
 
