@@ -1,4 +1,12 @@
-"""Reference models with known answers, for tests, examples and benchmarks.
+"""Reference models: with known answers (for tests) and the paper's architectures (for examples and benchmarks).
+
+* :class:`ProbabilisticPCA` — linear-Gaussian, exact posterior and log p(x) known.
+* :func:`bernoulli_vae` — the paper's binarized-MNIST VAE (784-512-512-64, ELU, highway, Bernoulli, N(0, I)).
+* :func:`gaussian_vae` — the same shape with a Gaussian output of learned global variance (grey-scale images).
+* :func:`multinomial_vae` — the text VAE of App. D (2 × 512 ELU, multinomial over the vocabulary).
+
+Each VAE is a :class:`~learned_inference.model.DecoderModel` with an encoder, so it has ``log_joint`` and
+``encode`` and works with every inference method.
 
 :class:`ProbabilisticPCA` is the linear-Gaussian model x = W z + b + σ n, z ~ N(0, I), n ~ N(0, I). With
 orthogonal loading columns (WᵀW diagonal) its exact posterior is a diagonal Gaussian, so converged mean-field
@@ -23,10 +31,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
+from learned_inference.baselines import HighwayEncoder
+from learned_inference.inference import check_int
 from learned_inference.likelihoods import gaussian_log_prob
-from learned_inference.model import gaussian_standard_log_prob
+from learned_inference.model import DecoderModel, gaussian_standard_log_prob
+from learned_inference.networks import HighwayLayer
 
-__all__ = ["ProbabilisticPCA"]
+__all__ = ["ProbabilisticPCA", "bernoulli_vae", "gaussian_vae", "highway_decoder", "multinomial_vae"]
 
 
 class ProbabilisticPCA(nn.Module):
@@ -116,3 +127,73 @@ class ProbabilisticPCA(nn.Module):
         expected_ll = -0.5 * (x.shape[-1] * torch.log(2 * math.pi * var_x) + squared / var_x)
         kl = 0.5 * (torch.exp(log_var) + loc.square() - 1.0 - log_var).sum(-1)
         return expected_ll - kl
+
+
+def highway_decoder(*, latent_dim: int, data_dim: int, hidden_size: int = 512, num_layers: int = 2) -> nn.Module:
+    """z → Linear → ELU → (num_layers − 1) highway layers → Linear: the paper's decoder (App. C)."""
+    for name, value in (("latent_dim", latent_dim), ("data_dim", data_dim), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers)):
+        check_int(name, value, minimum=1)
+    return nn.Sequential(
+        nn.Linear(latent_dim, hidden_size), nn.ELU(), *(HighwayLayer(hidden_size) for _ in range(num_layers - 1)),
+        nn.Linear(hidden_size, data_dim),
+    )
+
+
+def bernoulli_vae(
+    *, data_dim: int = 784, latent_dim: int = 64, hidden_size: int = 512, num_layers: int = 2
+) -> DecoderModel:
+    """The paper's binarized-MNIST VAE: encoder and decoder with 2 highway layers of 512 ELU units, z of size 64,
+    Bernoulli likelihood on logits, N(0, I) prior (App. C.3, C.5.1).
+
+    Example:
+        >>> model = bernoulli_vae(data_dim=64, latent_dim=8, hidden_size=32)
+        >>> loc, log_var = model.encode(torch.zeros(3, 64))
+        >>> model.log_joint(torch.zeros(3, 64), loc).shape
+        torch.Size([3])
+    """
+    decoder = highway_decoder(latent_dim=latent_dim, data_dim=data_dim, hidden_size=hidden_size,
+                              num_layers=num_layers)
+    encoder = HighwayEncoder(latent_dim, hidden_size=hidden_size, num_layers=num_layers)
+    return DecoderModel(decoder, likelihood="bernoulli", latent_dim=latent_dim, encoder=encoder)
+
+
+def gaussian_vae(
+    *, data_dim: int = 784, latent_dim: int = 64, hidden_size: int = 512, num_layers: int = 2,
+    log_var: float = math.log(0.1),
+) -> DecoderModel:
+    """The same architecture with a Gaussian likelihood N(x; μx(z), σx²) whose global log σx² is learned
+    (initialised at ``log_var``), for grey-scale images in [0, 1]."""
+    decoder = highway_decoder(latent_dim=latent_dim, data_dim=data_dim, hidden_size=hidden_size,
+                              num_layers=num_layers)
+    encoder = HighwayEncoder(latent_dim, hidden_size=hidden_size, num_layers=num_layers)
+    return DecoderModel(decoder, likelihood="gaussian", latent_dim=latent_dim, encoder=encoder, log_var=log_var,
+                        learn_variance=True)
+
+
+class _LogCountEncoder(nn.Module):
+    """Encodes counts through log(1 + x), so long documents do not saturate the first layer."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(torch.log1p(x))
+
+
+def multinomial_vae(*, vocab_size: int, latent_dim: int = 64, hidden_size: int = 512) -> DecoderModel:
+    """The text VAE of App. D: 2-layer ELU encoder and decoder of 512 units, multinomial likelihood over the
+    vocabulary (softmax of the decoder's logits), N(0, I) prior. The encoder sees log(1 + counts).
+
+    Example:
+        >>> model = multinomial_vae(vocab_size=30, latent_dim=4, hidden_size=16)
+        >>> counts = torch.poisson(torch.ones(2, 30))
+        >>> model.log_joint(counts, torch.zeros(2, 4)).shape
+        torch.Size([2])
+    """
+    check_int("vocab_size", vocab_size, minimum=2)
+    decoder = nn.Sequential(nn.Linear(latent_dim, hidden_size), nn.ELU(), nn.Linear(hidden_size, hidden_size),
+                            nn.ELU(), nn.Linear(hidden_size, vocab_size))
+    encoder = _LogCountEncoder(HighwayEncoder(latent_dim, hidden_size=hidden_size, num_layers=2))
+    return DecoderModel(decoder, likelihood="multinomial", latent_dim=latent_dim, encoder=encoder)
