@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
 from learned_inference.families import DiagonalGaussian, Params
+from learned_inference.inference import check_int
 from learned_inference.model import LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
 from learned_inference.objectives import elbo_and_grad, sample_noise
@@ -50,13 +51,6 @@ from .layout import LocalLayout, check_continuous, find_amortized_plates, left_s
 from .log_joint import LocalLogJoint
 
 __all__ = ["AutoIterativeNormal"]
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    # the core's check_int (learned_inference.inference) is not committed yet; switch to it when it is
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
 
 #: the seed of the refinement noise in :meth:`AutoIterativeNormal.median` and ``quantiles`` (deterministic)
 SUMMARY_SEED = 0
@@ -145,14 +139,14 @@ class AutoIterativeNormal(AutoGuide):
             raise ValueError(f"init_scale must be a float > 0, got {init_scale!r}")
         super().__init__(model, create_plates=create_plates)
         self.amortized_plates = amortized_plates
-        self.num_steps = _check_int("num_steps", num_steps, minimum=0)
-        self.num_samples = _check_int("num_samples", num_samples, minimum=1)
+        self.num_steps = check_int("num_steps", num_steps, minimum=0)
+        self.num_samples = check_int("num_samples", num_samples, minimum=1)
         self.init_loc_fn = init_loc_fn
         self.init_scale = init_scale
         self._network_options = {
             "encoding": encoding, "update": update, "network": network,
-            "hidden_size": _check_int("hidden_size", hidden_size, minimum=1),
-            "num_layers": _check_int("num_layers", num_layers, minimum=1),
+            "hidden_size": check_int("hidden_size", hidden_size, minimum=1),
+            "num_layers": check_int("num_layers", num_layers, minimum=1),
         }
         self.family = DiagonalGaussian()
         self.encoding = make_encoding(encoding)
