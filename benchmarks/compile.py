@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from learned_inference import DecoderModel, IterativeInferenceOptimizer
+from learned_inference import DecoderModel, IterativeInferenceOptimizer, ModelWithInference
 
 LATENT, DATA, HIDDEN, STEPS = 32, 784, 256, 5
 VARIANTS = ("eager", "network", "whole")
@@ -43,9 +43,8 @@ VARIANTS = ("eager", "network", "whole")
 
 def build(variant: str, template: tuple[DecoderModel, IterativeInferenceOptimizer]):
     """A copy of the template model and optimizer, compiled as the variant says."""
-    model = copy.deepcopy(template[0])
-    inference = copy.deepcopy(template[1])
-    object.__setattr__(inference, "_model", model)  # the copy must use the copied model
+    twin = copy.deepcopy(ModelWithInference(template[1]))  # one deepcopy: the copy uses the copied model
+    model, inference = twin.model, twin.inference
     if variant == "network":
         inference.network.compile()
     elif variant == "whole":

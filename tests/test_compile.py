@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from learned_inference import DecoderModel, IterativeInferenceOptimizer
+from learned_inference import DecoderModel, IterativeInferenceOptimizer, ModelWithInference
 
 D, X, B, T = 3, 12, 8, 3
 
@@ -21,10 +21,8 @@ def _pair():
     x = torch.bernoulli(torch.full((B, X), 0.4))
     noise = torch.randn(T + 1, 1, B, D)
     inference.infer(x, num_steps=0)
-    twin_model = copy.deepcopy(model)
-    twin = copy.deepcopy(inference)
-    object.__setattr__(twin, "_model", twin_model)
-    return (model, inference), (twin_model, twin), x, noise
+    twin = copy.deepcopy(ModelWithInference(inference))  # one deepcopy: the copy uses the copied model
+    return (model, inference), (twin.model, twin.inference), x, noise
 
 
 def _train_step(model, inference, x, noise):
