@@ -33,10 +33,11 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from learned_inference.integrations.pyro import AutoIterativeNormal, IterativeTrace_ELBO
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import nn
+
+from learned_inference.integrations.pyro import AutoIterativeNormal, IterativeTrace_ELBO
 
 DATA = Path("/work/shared/data/binarized_mnist.npz")
 RESULTS = Path(__file__).parent / "results"

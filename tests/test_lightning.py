@@ -18,12 +18,12 @@ import torch
 
 pytest.importorskip("lightning")
 
-from learned_inference.integrations.lightning import IterativeInferenceModule, batch_data
-from learned_inference.integrations.lightning import module as lightning_module
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from learned_inference import DecoderModel, IterativeInferenceOptimizer
+from learned_inference.integrations.lightning import IterativeInferenceModule, batch_data
+from learned_inference.integrations.lightning import module as lightning_module
 
 D, X, N, BATCH, STEPS = 4, 24, 512, 32, 40
 WORLD = 2

@@ -19,6 +19,10 @@ import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from pyro import poutine  # noqa: E402
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO  # noqa: E402
+from pyro.infer.autoguide import AutoGuideList, AutoNormal  # noqa: E402
+
 from learned_inference.integrations.pyro import (  # noqa: E402
     AutoIterativeNormal,
     IterativeTrace_ELBO,
@@ -27,9 +31,6 @@ from learned_inference.integrations.pyro import (  # noqa: E402
     find_amortized_plates,
     local_layout,
 )
-from pyro import poutine  # noqa: E402
-from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO  # noqa: E402
-from pyro.infer.autoguide import AutoGuideList, AutoNormal  # noqa: E402
 
 SMALL = {"num_steps": 2, "hidden_size": 16}
 
