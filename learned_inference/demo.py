@@ -139,9 +139,9 @@ def _plot(report: Path, summary: dict, reconstructions: Tensor, x: Tensor) -> li
         steps, n = reconstructions.shape[0], reconstructions.shape[1]
         fig, axes = plt.subplots(n, steps + 1, figsize=(1.1 * (steps + 1), 1.1 * n))
         for i in range(n):
-            axes[i, 0].imshow(x[i].reshape(side, side), cmap="gray")
+            axes[i, 0].imshow(x[i].reshape(side, side).numpy(), cmap="gray")
             for t in range(steps):
-                axes[i, t + 1].imshow(reconstructions[t, i].reshape(side, side), cmap="gray", vmin=0, vmax=1)
+                axes[i, t + 1].imshow(reconstructions[t, i].reshape(side, side).numpy(), cmap="gray", vmin=0, vmax=1)
         for t, a in enumerate(axes[0]):
             a.set_title("data" if t == 0 else f"t={t - 1}", fontsize=7)
         for a in axes.flat:
