@@ -1,0 +1,312 @@
+"""Shared plumbing of the benchmark scripts: options, metadata, result files, resumable training, plots.
+
+Every benchmark script calls :func:`parse_args` (``--scale smoke|full``, ``--threads``, ``--seed``,
+``--data-path``, ``--out``, ``--checkpoint-dir``, ``--quiet``), :func:`setup`, and finally :func:`write_results`,
+which writes ``<out>/<name>.json`` (the results plus machine, versions, seed, scale and command) and
+``<out>/<name>.md`` (a summary whose first line is its only ``#`` heading). Training goes through
+:func:`train_resumable`, which checkpoints after every epoch and resumes from the last one when run again with the
+same configuration (the checkpoint file name is a hash of the configuration).
+
+Scales: ``smoke`` finishes in well under a minute on one thread (tiny subsets, one or two epochs; for testing
+the scripts, not for numbers), ``full`` is sized so the whole suite takes about 35 minutes on a quiet 2-core CPU;
+every reduction relative to the paper is recorded in the JSON under ``"settings"`` and in the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from learned_inference.checkpoint import load_checkpoint, save_checkpoint
+from learned_inference.demo import train_method
+from learned_inference.inference import InferenceMethod
+
+__all__ = [
+    "RESULTS",
+    "History",
+    "checkpoint_file",
+    "importance_scores",
+    "load_mnist_subsets",
+    "make_method",
+    "median_iqr",
+    "metadata",
+    "parse_args",
+    "pyplot",
+    "save_figure",
+    "setup",
+    "table",
+    "train_model",
+    "train_resumable",
+    "write_results",
+]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCALES = ("smoke", "full")
+DEFAULT_CHECKPOINTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "learned_inference" / "bench"
+
+
+def parse_args(
+    name: str,
+    description: str,
+    *,
+    argv: Sequence[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The common options of every benchmark (plus ``extra(parser)``'s); ``args.name`` and ``args.argv`` are set.
+
+    Raises:
+        SystemExit: for invalid options (argparse's message names the option).
+    """
+    parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
+    parser.add_argument("--scale", choices=SCALES, default="full",
+                        help="smoke: tiny and fast (tests the script); full: the recorded benchmark (default)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-path", default=None, help="folder with the data files (default: search paths)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for <name>.json, <name>.md and plots (default benchmarks/results)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=DEFAULT_CHECKPOINTS,
+                        help=f"training checkpoints, resumed when present (default {DEFAULT_CHECKPOINTS})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    args.name = name
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def setup(args: argparse.Namespace) -> float:
+    """Sets the thread count and the seed, creates ``args.out``; returns the start time (``perf_counter``)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return time.perf_counter()
+
+
+def metadata(args: argparse.Namespace) -> dict[str, Any]:
+    """Machine, versions, seed, scale, threads and the command line of this run."""
+    import numpy
+
+    return {
+        "benchmark": args.name,
+        "command": " ".join(["python", f"benchmarks/{args.name}.py", *args.argv]),
+        "scale": args.scale,
+        "seed": args.seed,
+        "threads": args.threads,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_results(
+    args: argparse.Namespace, result: dict[str, Any], *, title: str, body: Sequence[str], started: float,
+    plots: Sequence[str] = (),
+) -> Path:
+    """Writes ``<out>/<name>.json`` (``result`` plus :func:`metadata` and the elapsed seconds) and
+    ``<out>/<name>.md`` (``# title``, ``body`` lines, the plots, then how it was run); returns the JSON path."""
+    meta = metadata(args)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 2)
+    payload = {**meta, **result}
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    lines = [f"# {title}", "", *body, ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    if args.scale != "full":
+        lines += ["", f"**Scale `{args.scale}`: a functional test of the script, not a measurement.**"]
+    lines += ["", f"Command: `{meta['command']}` ({meta['elapsed_s']:.0f} s, {args.threads} threads, seed "
+              f"{args.seed}). Machine: {meta['machine']['platform']}, {meta['machine']['cpus']} CPUs; "
+              f"Python {meta['versions']['python']}, torch {meta['versions']['torch']}. Raw numbers: "
+              f"`{args.name}.json`.", ""]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
+    if not args.quiet:
+        print("\n".join(lines))
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table (numbers with 3 decimals, the first column left-aligned)."""
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+@dataclass
+class History:
+    """Learning curves that travel inside a checkpoint (``state_dict`` / ``load_state_dict``)."""
+
+    curves: dict[str, list[float]] = field(default_factory=lambda: {"train_elbo": [], "seconds": []})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curves": self.curves}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.curves = {k: list(v) for k, v in state["curves"].items()}
+
+
+def checkpoint_file(args: argparse.Namespace, label: str, config: Mapping[str, Any]) -> Path:
+    """``<checkpoint-dir>/<label>-<hash of config>.pt``: a changed configuration starts afresh; benchmarks that
+    train the same configuration under the same label share it."""
+    digest = hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return args.checkpoint_dir / f"{label}-{digest}.pt"
+
+
+def train_resumable(
+    method: InferenceMethod,
+    data: Tensor,
+    *,
+    parameters: Sequence[torch.nn.Parameter],
+    modules: Mapping[str, Any],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    checkpoint: Path | None,
+    label: str,
+    progress: bool,
+    transform: Callable[..., Tensor] | None = None,
+) -> dict[str, list[float]]:
+    """Trains ``method`` on ``forward(x).loss`` with Adam(``parameters``, ``lr``) for ``epochs`` epochs (epoch e
+    shuffles with seed ``seed + e``), saving ``modules``, the optimizer and the learning curves to ``checkpoint``
+    after every epoch and resuming from it when it exists; returns the curves (train ELBO, seconds per epoch).
+    The seconds of epochs run before a resume are those recorded then."""
+    optim = torch.optim.Adam(parameters, lr=lr)
+    history = History()
+    objects = {**modules, "optim": optim, "history": history}
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        start = min(load_checkpoint(checkpoint, **objects)["step"], epochs)
+        if progress:
+            print(f"{label}: resumed from {checkpoint} at epoch {start}", file=sys.stderr)
+    bar = tqdm(range(start, epochs), desc=f"training {label}", disable=not progress, initial=start, total=epochs)
+    for epoch in bar:
+        curves = train_method(method, optim, data, epochs=1, batch_size=batch_size, seed=seed + epoch,
+                              progress=False, label=label, transform=transform)
+        for key, values in curves.items():
+            history.curves[key].extend(values)
+        bar.set_postfix(train_elbo=f"{history.curves['train_elbo'][-1]:.2f}")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, step=epoch + 1, **objects)
+    return history.curves
+
+
+def load_mnist_subsets(args: argparse.Namespace, *, num_train: int, num_test: int) -> tuple[Tensor, Tensor]:
+    """The first ``num_train`` / ``num_test`` examples of statically binarized MNIST's train / test splits."""
+    from learned_inference.data import load_binarized_mnist
+
+    data = load_binarized_mnist(args.data_path)
+    for option, value, available in (("num_train", num_train, len(data.train)),
+                                     ("num_test", num_test, len(data.test))):
+        if not 1 <= value <= available:
+            raise ValueError(f"{option} must be in 1..{available}, got {value}")
+    return data.train[:num_train], data.test[:num_test]
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(args: argparse.Namespace, fig: Any, suffix: str) -> str:
+    """Saves ``fig`` as ``<out>/<name>_<suffix>.png`` and closes it; returns the file name."""
+    name = f"{args.name}_{suffix}.png"
+    fig.tight_layout()
+    fig.savefig(args.out / name, dpi=120)
+    pyplot().close(fig)
+    return name
+
+
+def median_iqr(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and extremes of ``values``."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"median": q[1], "q25": q[0], "q75": q[2], "min": t.min().item(), "max": t.max().item(), "n": len(t)}
+
+
+def make_method(
+    model: Any, *, kind: str, latent_dim: int, hidden_size: int, num_steps: int = 5,
+    encoding: Sequence[str] = ("gradient", "data", "params"),
+) -> InferenceMethod:
+    """``"standard"``: the model's own encoder (one pass); ``"encoder-only"``: a new highway encoder for a given
+    decoder; ``"iterative"``: an iterative inference model with ``encoding`` and ``num_steps`` steps."""
+    from learned_inference.baselines import StandardEncoder
+    from learned_inference.optimizer import IterativeInferenceOptimizer
+
+    if kind == "standard":
+        return StandardEncoder(model, latent_dim=latent_dim, init="encoder")
+    if kind == "encoder-only":
+        return StandardEncoder(model, latent_dim=latent_dim, init="highway", hidden_size=hidden_size)
+    if kind == "iterative":
+        return IterativeInferenceOptimizer(model, latent_dim=latent_dim, num_steps=num_steps, hidden_size=hidden_size,
+                                           encoding=tuple(encoding))
+    raise ValueError(f"kind must be 'standard', 'encoder-only' or 'iterative', got {kind!r}")
+
+
+def train_model(
+    args: argparse.Namespace, model: torch.nn.Module, method: InferenceMethod, data: Tensor, *, label: str,
+    config: Mapping[str, Any], epochs: int, batch_size: int, lr: float, train_model_parameters: bool = True,
+    transform: Callable[..., Tensor] | None = None,
+) -> dict[str, list[float]]:
+    """Trains ``method`` (and ``model`` unless ``train_model_parameters`` is False: a fixed decoder) with
+    :func:`train_resumable`, checkpointed under ``--checkpoint-dir`` by ``label`` and a hash of ``config``."""
+    method.infer(data[:2], num_steps=0)  # sizes lazy layers before the optimizer sees them
+    if getattr(model, "encoder", None) is not None:  # an encoder that the method does not use is sized too
+        with torch.no_grad():
+            model.encode(data[:2])
+    parameters = [*method.parameters()]
+    if train_model_parameters:
+        parameters = [*model.parameters(), *parameters]
+    full_config = {**config, "label": label, "epochs_seed": args.seed, "batch_size": batch_size, "lr": lr,
+                   "num_examples": len(data)}
+    return train_resumable(
+        method, data, parameters=parameters, modules={"model": model, "method": method}, epochs=epochs,
+        batch_size=batch_size, lr=lr, seed=args.seed, label=label, progress=not args.quiet, transform=transform,
+        checkpoint=checkpoint_file(args, label, {**full_config, "epochs": None}),
+    )
+
+
+@torch.no_grad()
+def importance_scores(model: Any, method: InferenceMethod, x: Tensor, *, num_steps: int, samples: int,
+                      seed: int) -> tuple[Tensor, Tensor]:
+    """Per-example log p(x) (importance sampling) and ELBO, both from ``samples`` samples of the posterior that
+    ``method`` infers in ``num_steps`` steps (seeded)."""
+    from learned_inference.evaluation import elbo_estimate, importance_weighted_log_marginal
+
+    torch.manual_seed(seed)
+    posterior = method.infer(x, num_steps=num_steps).posterior
+    chunk = min(samples, 100)
+    return (importance_weighted_log_marginal(model, posterior, x, num_samples=samples, chunk_size=chunk),
+            elbo_estimate(model, posterior, x, num_samples=samples, chunk_size=chunk))

@@ -1,0 +1,263 @@
+"""Inference on one trained binarized-MNIST decoder: ELBO versus inference steps and versus wall-clock time.
+
+What is measured (paper Figs. 5, 10): a decoder is trained jointly with an iterative inference model (gradient +
+data + params encoding, T = 5 steps) on a subset of binarized MNIST (checkpointed, resumable). With that decoder
+fixed, a standard highway encoder is trained on the same data for the same epochs (only the encoder learns).
+Then, on a test subset and with common random numbers (the same reparameterization noise ε_t at step t for every
+method), we record the mean 1-sample ELBO after each step of
+
+* the standard encoder (one pass, no steps);
+* the iterative model run for 0..``max_steps`` steps (trained with T = 5);
+* gradient E-steps from the prior with SGD, SGD + momentum 0.9, RMSprop and Adam at every learning rate of
+  {0.5, 0.4, 0.3, 0.2, 0.1, 0.01, 0.001}; the best rate of each optimizer is the one with the highest ELBO after
+  ``max_steps`` steps;
+* semi-amortized inference: the trained encoder followed by 20 steps of clipped momentum SGD (not trained
+  end-to-end through the steps here: the encoder is the standard one);
+* a converged reference: the best optimizer at its best rate for ``converged_steps`` steps.
+
+Final posteriors are scored with ``elbo_samples``-sample ELBO estimates. ``gap_closed_T5`` is the fraction of the
+standard encoder's amortization gap closed by the iterative model after 5 steps,
+(L_iter,5 − L_enc) / (L_conv − L_enc); ``gap_closed_T5_from_init`` measures it from the iterative model's own
+start instead, (L_iter,5 − L_iter,0) / (L_conv − L_iter,0) (λ_0 is the prior, so this one is easy to meet).
+
+Wall-clock: each method is timed in one process, interleaved round-robin after a warm-up: ``infer`` with 0 and with
+``timing_steps`` steps, ``timing_repeats`` times; step t of a method is placed at t0 + t·Δ (medians of the
+0-step time t0 and of the per-step time Δ). ``beats_best_optimizer_at_equal_time`` is true only if, at every budget
+from the iterative model's first step up to the longest time of ``max_steps`` E-steps, the iterative model's best
+completed ELBO is strictly above each optimizer's best-rate curve at that budget (after its last step a curve stays
+at its final value).
+
+Usage::
+
+    python benchmarks/inference_comparison.py --scale smoke --out /tmp/bench   # functional test (< 1 min)
+    python benchmarks/inference_comparison.py                                # full: writes benchmarks/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+from learned_inference.baselines import GradientEStep, SemiAmortized
+from learned_inference.evaluation import elbo_estimate
+from learned_inference.inference import InferenceMethod
+
+NAME = "inference_comparison"
+LEARNING_RATES = (0.5, 0.4, 0.3, 0.2, 0.1, 0.01, 0.001)
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {}),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adam": (torch.optim.Adam, {}),
+}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smoke": {"num_train": 200, "num_test": 20, "epochs": 1, "hidden_size": 32, "latent_dim": 8, "batch_size": 50,
+              "lr": 1e-3, "train_steps": 5, "max_steps": 10, "converged_steps": 30, "semi_amortized_steps": 20,
+              "timing_steps": 3, "timing_repeats": 2, "elbo_samples": 10},
+    "full": {"num_train": 10000, "num_test": 500, "epochs": 6, "hidden_size": 512, "latent_dim": 64,
+             "batch_size": 100, "lr": 1e-3, "train_steps": 5, "max_steps": 100, "converged_steps": 500,
+             "semi_amortized_steps": 20, "timing_steps": 20, "timing_repeats": 5, "elbo_samples": 100},
+}
+REDUCTIONS = ("Decoder and iterative model trained on the first {num_train} of 50k training images for {epochs} "
+              "epochs with Adam lr {lr} (the paper trains on all 50k to convergence with lr 2e-4); evaluation on "
+              "the first {num_test} test images. Architecture as in the paper: {hidden_size} units, z of size "
+              "{latent_dim}.")
+
+
+def trained_iterative_mnist(args: argparse.Namespace, settings: dict[str, Any], train: Tensor) -> tuple[Any, Any, dict]:
+    """The decoder and iterative model (T = ``train_steps``) trained on ``train`` (shared with ``figures``)."""
+    from learned_inference.model import DecoderModel
+    from learned_inference.zoo import highway_decoder
+
+    torch.manual_seed(args.seed)
+    latent, hidden = settings["latent_dim"], settings["hidden_size"]
+    model = DecoderModel(highway_decoder(latent_dim=latent, data_dim=train.shape[1], hidden_size=hidden),
+                         likelihood="bernoulli", latent_dim=latent)
+    iterative = common.make_method(model, kind="iterative", latent_dim=latent, hidden_size=hidden,
+                                   num_steps=settings["train_steps"])
+    config = {k: settings[k] for k in ("hidden_size", "latent_dim", "train_steps")}
+    curves = common.train_model(args, model, iterative, train, label=f"mnist-iterative-T{settings['train_steps']}",
+                                config=config, epochs=settings["epochs"], batch_size=settings["batch_size"],
+                                lr=settings["lr"])
+    return model, iterative, curves
+
+
+def _time_methods(methods: dict[str, InferenceMethod], x: Tensor, *, steps: int, repeats: int) -> dict[str, dict]:
+    """Interleaved timing of ``infer`` with 0 and ``steps`` steps: medians of t0 and of the per-step time."""
+    samples: dict[str, dict[str, list[float]]] = {name: {"t0": [], "step": []} for name in methods}
+    names = list(methods)
+    for repeat in range(repeats + 1):  # the first round is the warm-up
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for name in order:
+            durations = []
+            for num_steps in (0, 0 if name == "encoder" else steps):
+                start = time.perf_counter()
+                methods[name].infer(x, num_steps=num_steps)
+                durations.append(time.perf_counter() - start)
+            if repeat > 0:
+                samples[name]["t0"].append(durations[0])
+                samples[name]["step"].append(max(durations[1] - durations[0], 0.0) / steps)
+    return {name: {"t0_s": statistics.median(s["t0"]), "step_s": statistics.median(s["step"]),
+                   "step_s_spread": [min(s["step"]), max(s["step"])]} for name, s in samples.items()}
+
+
+def _value_at(curve: Sequence[float], timing: dict[str, float], budget: float) -> float:
+    """The ELBO of the last step completed within ``budget`` seconds (-inf before the start is done)."""
+    if budget < timing["t0_s"]:
+        return float("-inf")
+    if timing["step_s"] <= 0:
+        return curve[-1]
+    return curve[min(int((budget - timing["t0_s"]) / timing["step_s"]), len(curve) - 1)]
+
+
+def beats_at_equal_time(iterative: Sequence[float], optimizers: dict[str, Sequence[float]],
+                        timings: dict[str, dict[str, float]], *, grid: int = 400) -> tuple[bool, list[float]]:
+    """Whether the iterative curve is strictly above every optimizer curve at every budget of the grid."""
+    it = timings["iterative"]
+    horizon = max(timings[n]["t0_s"] + (len(c) - 1) * timings[n]["step_s"] for n, c in optimizers.items())
+    first = it["t0_s"] + it["step_s"]
+    budgets = [first + (horizon - first) * i / (grid - 1) for i in range(grid)] if horizon > first else [first]
+    wins = all(_value_at(iterative, it, b) > _value_at(curve, timings[n], b)
+               for b in budgets for n, curve in optimizers.items())
+    return wins, [first, horizon]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark (see the module docstring) and writes its results; returns the JSON content."""
+    args = common.parse_args(NAME, __doc__.splitlines()[0], argv=argv)
+    started = common.setup(args)
+    s = SETTINGS[args.scale]
+    train, test = common.load_mnist_subsets(args, num_train=s["num_train"], num_test=s["num_test"])
+    latent = s["latent_dim"]
+    model, iterative, iterative_curves = trained_iterative_mnist(args, s, train)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(args.seed + 1)
+    encoder = common.make_method(model, kind="encoder-only", latent_dim=latent, hidden_size=s["hidden_size"])
+    encoder_curves = common.train_model(
+        args, model, encoder, train, label="mnist-encoder-on-fixed-decoder",
+        config={**{k: s[k] for k in ("hidden_size", "latent_dim", "train_steps", "epochs")}},
+        epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], train_model_parameters=False)
+    semi = SemiAmortized(model, latent_dim=latent, num_steps=s["semi_amortized_steps"], init=encoder.encoder)
+
+    steps = s["max_steps"]
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    noise = torch.randn(max(steps, s["semi_amortized_steps"]) + 1, 1, len(test), latent, generator=generator)
+    curves: dict[str, list[float]] = {}
+    results: dict[str, Any] = {}
+    results["encoder"] = encoder.infer(test, num_steps=0, noise=noise[:1])
+    results["iterative"] = iterative.infer(test, num_steps=steps, noise=noise[: steps + 1])
+    results["iterative_T5"] = iterative.infer(test, num_steps=5, noise=noise[:6])
+    results["semi_amortized"] = semi.infer(test, noise=noise[: s["semi_amortized_steps"] + 1])
+    for name in ("encoder", "iterative", "semi_amortized"):
+        curves[name] = results[name].elbo.mean(1).tolist()
+    grid: dict[str, dict[str, list[float]]] = {}
+    best: dict[str, float] = {}
+    for opt_name, (cls, options) in OPTIMIZERS.items():
+        grid[opt_name] = {}
+        for lr in LEARNING_RATES:
+            run = GradientEStep(model, latent_dim=latent, optimizer=cls, lr=lr, num_steps=steps,
+                                optimizer_options=options).infer(test, noise=noise[: steps + 1])
+            curve = run.elbo.mean(1)
+            grid[opt_name][str(lr)] = curve.nan_to_num(nan=-1e30, neginf=-1e30).tolist()
+        best[opt_name] = float(max(grid[opt_name], key=lambda r, o=opt_name: grid[o][r][-1]))
+        curves[f"{opt_name} (lr {best[opt_name]})"] = grid[opt_name][str(best[opt_name])]
+    best_optimizer = max(best, key=lambda o: grid[o][str(best[o])][-1])
+    cls, options = OPTIMIZERS[best_optimizer]
+    converged_method = GradientEStep(model, latent_dim=latent, optimizer=cls, lr=best[best_optimizer],
+                                     num_steps=s["converged_steps"], optimizer_options=options)
+    results["converged"] = converged_method.infer(test)
+
+    torch.manual_seed(args.seed + 3)
+    scores = {name: elbo_estimate(model, r.posterior, test, num_samples=s["elbo_samples"],
+                                  chunk_size=min(s["elbo_samples"], 50)).mean().item()
+              for name, r in results.items()}
+    start_elbo = curves["iterative"][0]  # λ_0 = the prior, the same noise as every E-step's step 0
+    gap = scores["converged"] - scores["encoder"]
+    gap_closed = (scores["iterative_T5"] - scores["encoder"]) / gap if gap > 0 else float("nan")
+    gap_from_init = (scores["iterative_T5"] - start_elbo) / (scores["converged"] - start_elbo)
+
+    methods: dict[str, InferenceMethod] = {"encoder": encoder, "iterative": iterative, "semi_amortized": semi}
+    for opt_name, (cls, options) in OPTIMIZERS.items():
+        methods[opt_name] = GradientEStep(model, latent_dim=latent, optimizer=cls, lr=best[opt_name],
+                                          optimizer_options=options)
+    timings = _time_methods(methods, test, steps=s["timing_steps"], repeats=s["timing_repeats"])
+    best_curves = {o: grid[o][str(best[o])] for o in OPTIMIZERS}
+    beats, window = beats_at_equal_time(curves["iterative"], best_curves, timings)
+
+    result = {
+        "settings": {**s, "learning_rates": LEARNING_RATES, "reductions": REDUCTIONS.format(**s)},
+        "gap_closed_T5": gap_closed,
+        "gap_closed_T5_from_init": gap_from_init,
+        "beats_best_optimizer_at_equal_time": beats,
+        "equal_time_window_s": window,
+        "amortization_gap_encoder": gap,
+        "elbo": scores,
+        "best_lr": best,
+        "best_optimizer": best_optimizer,
+        "timing": timings,
+        "curves_over_steps": curves,
+        "lr_grid_curves": grid,
+        "training_curves": {"iterative": iterative_curves, "encoder": encoder_curves},
+    }
+    plots = _plot(args, curves, timings, scores)
+    body = [
+        REDUCTIONS.format(**s),
+        "",
+        *common.table(["posterior", f"ELBO ({s['elbo_samples']} samples)"], sorted(scores.items(),
+                                                                                  key=lambda kv: kv[1])),
+        "",
+        f"- Amortization gap of the standard encoder (converged {best_optimizer} E-step, {s['converged_steps']} "
+        f"steps, minus encoder): {gap:.3f} nats.",
+        f"- `gap_closed_T5` (fraction of that gap closed by 5 iterative steps): **{gap_closed:.3f}** "
+        f"(target >= 0.8: {'met' if gap_closed >= 0.8 else 'not met'}); measured from the iterative model's own "
+        f"start (prior) instead: {gap_from_init:.3f}.",
+        f"- Best learning rates after {steps} steps: " + ", ".join(f"{o} {best[o]}" for o in OPTIMIZERS) + ".",
+        f"- `beats_best_optimizer_at_equal_time`: **{str(beats).lower()}** (target: true; budgets "
+        f"{window[0] * 1e3:.1f}..{window[1] * 1e3:.1f} ms for {len(test)} examples).",
+        "",
+        *common.table(["method", "start (ms)", "per step (ms)"],
+                      [(n, t["t0_s"] * 1e3, t["step_s"] * 1e3) for n, t in timings.items()]),
+    ]
+    common.write_results(args, result, title="Inference on a fixed binarized-MNIST decoder", body=body,
+                         started=started, plots=plots)
+    return result
+
+
+def _plot(args: argparse.Namespace, curves: dict[str, list[float]], timings: dict[str, dict[str, float]],
+          scores: dict[str, float]) -> list[str]:
+    plt = common.pyplot()
+    files = []
+    low = min(min(c[min(5, len(c) - 1):]) for c in curves.values())
+    top = max(max(c) for c in curves.values())
+    for axis in ("steps", "seconds"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in curves.items():
+            key = name.split(" ")[0]
+            t = timings.get(key, timings.get("encoder"))
+            xs = list(range(len(curve))) if axis == "steps" else [t["t0_s"] + i * t["step_s"] for i in
+                                                                  range(len(curve))]
+            style = {"marker": "o"} if len(curve) == 1 else {}
+            ax.plot(xs, curve, label=name, linewidth=2 if key == "iterative" else 1, **style)
+        ax.axhline(scores["converged"], color="grey", linestyle=":", label="converged E-step")
+        ax.set(xlabel="inference steps" if axis == "steps" else "wall-clock (s)", ylabel="test ELBO (nats)",
+               ylim=(max(low, top - 80), top + 2), xscale="symlog" if axis == "steps" else "linear")
+        ax.legend(fontsize=7)
+        files.append(common.save_figure(args, fig, axis))
+    return files
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Overheads: the λ-gradient through ``torch.func`` versus ``torch.autograd.grad``, and training memory versus T.
+
+1. Per-step cost of the λ-gradient. Variant A is :func:`learned_inference.objectives.elbo_and_grad` (what every
+   inference method calls: ``torch.func.grad_and_value`` of the batch-summed ELBO, under ``torch.no_grad()`` as at
+   test time). Variant B is the hand-written equivalent: λ leaves that require grad, the same
+   :func:`~learned_inference.objectives.elbo`, then ``torch.autograd.grad`` of its sum. Same model (the paper's
+   binarized-MNIST decoder 64-512-512-784 with highway layer, Bernoulli, analytic KL), same λ, data and noise;
+   both gradients are checked to agree. After a warm-up, A and B are timed alternately (ABBA order) in one
+   process; ``func_vs_autograd_ratio`` is median(A) / median(B), reported with quartiles and the median of
+   the per-pair ratios.
+2. Peak training memory at T = 2 versus T = 16 (feed-forward training, no back-propagation through the steps):
+   :func:`memory.measure` (``benchmarks/memory.py``: a fresh process per measurement with glibc's mmap threshold
+   pinned, peak-RSS increase of one training step, paper-sized model, batch 128), interleaved and repeated;
+   ``peak_mem_ratio_T16_vs_T2`` is the ratio of the medians.
+
+Usage::
+
+    python benchmarks/overhead.py --scale smoke --out /tmp/bench   # functional test (< 1 min)
+    python benchmarks/overhead.py                                # full: writes benchmarks/results/
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+from memory import measure
+
+from learned_inference.families import DiagonalGaussian
+from learned_inference.model import DecoderModel, LatentSpace
+from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
+from learned_inference.zoo import highway_decoder
+
+NAME = "overhead"
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smoke": {"hidden_size": 64, "latent_dim": 8, "batch_size": 20, "warmup": 3, "repeats": 10,
+              "memory_repeats": 1},
+    "full": {"hidden_size": 512, "latent_dim": 64, "batch_size": 100, "warmup": 20, "repeats": 300,
+             "memory_repeats": 3},
+}
+
+
+def gradient_variants(*, hidden_size: int, latent_dim: int, batch_size: int, seed: int) -> dict[str, Callable]:
+    """Closures computing the per-example λ-gradient of the ELBO with ``torch.func`` and with autograd."""
+    torch.manual_seed(seed)
+    model = DecoderModel(highway_decoder(latent_dim=latent_dim, data_dim=784, hidden_size=hidden_size),
+                         likelihood="bernoulli", latent_dim=latent_dim)
+    family, space = DiagonalGaussian(), LatentSpace(latent_dim)
+    prior = prior_moments(model, space)
+    params = {"loc": 0.5 * torch.randn(batch_size, latent_dim), "log_var": -torch.rand(batch_size, latent_dim)}
+    x = torch.bernoulli(torch.full((batch_size, 784), 0.13))
+    noise = torch.randn(1, batch_size, latent_dim)
+
+    def with_func() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return elbo_and_grad(model, family, params, x, noise, space=space, prior=prior)[1]
+
+    def with_autograd() -> dict[str, torch.Tensor]:
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            values = elbo(model, family, leaves, x, noise, space=space, prior=prior)
+            grads = torch.autograd.grad(values.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True))
+
+    return {"func": with_func, "autograd": with_autograd}
+
+
+def time_interleaved(variants: dict[str, Callable], *, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, alternating in ABBA order after ``warmup`` calls of each."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark (see the module docstring) and writes its results; returns the JSON content."""
+    args = common.parse_args(NAME, __doc__.splitlines()[0], argv=argv)
+    started = common.setup(args)
+    s = SETTINGS[args.scale]
+    variants = gradient_variants(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"],
+                                 batch_size=s["batch_size"], seed=args.seed)
+    a, b = variants["func"](), variants["autograd"]()
+    max_diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    times = time_interleaved(variants, warmup=s["warmup"], repeats=s["repeats"])
+    pair_ratios = [fa / fb for fa, fb in zip(times["func"], times["autograd"], strict=True)]
+    ratio = statistics.median(times["func"]) / statistics.median(times["autograd"])
+
+    memory: dict[int, list[float]] = {2: [], 16: []}
+    for _ in range(s["memory_repeats"]):
+        for steps in memory:
+            memory[steps].append(measure(steps, "feed_forward"))
+    mem_ratio = statistics.median(memory[16]) / statistics.median(memory[2])
+
+    result = {
+        "settings": s,
+        "func_vs_autograd_ratio": ratio,
+        "func_vs_autograd_pair_ratio": common.median_iqr(pair_ratios),
+        "seconds": {name: common.median_iqr(t) for name, t in times.items()},
+        "max_abs_gradient_difference": max_diff,
+        "peak_mem_ratio_T16_vs_T2": mem_ratio,
+        "peak_mib": {str(k): common.median_iqr(v) for k, v in memory.items()},
+        "memory_method": "benchmarks/memory.py measure(): fresh process, MALLOC_MMAP_THRESHOLD_=65536, peak RSS "
+                         "increase of one training step; decoder 64-512-512-784, update network 512, batch 128",
+    }
+    sec = result["seconds"]
+    body = [
+        f"λ-gradient of the summed ELBO, decoder {s['latent_dim']}-{s['hidden_size']}-{s['hidden_size']}-784 "
+        f"(highway), batch {s['batch_size']}; {s['repeats']} interleaved calls each after {s['warmup']} warm-up "
+        f"calls; gradients agree to {max_diff:.1e}.",
+        "",
+        *common.table(["variant", "median (ms)", "q25 (ms)", "q75 (ms)"],
+                      [(n, v["median"] * 1e3, v["q25"] * 1e3, v["q75"] * 1e3) for n, v in sec.items()]),
+        "",
+        f"- `func_vs_autograd_ratio` = **{ratio:.3f}** (per-pair median "
+        f"{result['func_vs_autograd_pair_ratio']['median']:.3f}, IQR "
+        f"{result['func_vs_autograd_pair_ratio']['q25']:.3f}..{result['func_vs_autograd_pair_ratio']['q75']:.3f});"
+        f" target <= 1.15: **{'met' if ratio <= 1.15 else 'not met'}**.",
+        f"- `peak_mem_ratio_T16_vs_T2` = **{mem_ratio:.3f}** (T=2: {statistics.median(memory[2]):.1f} MiB, "
+        f"T=16: {statistics.median(memory[16]):.1f} MiB, median of {s['memory_repeats']}; method of "
+        f"`benchmarks/memory.py`); target <= 1.1: **{'met' if mem_ratio <= 1.1 else 'not met'}**.",
+    ]
+    common.write_results(args, result, title="Overhead of torch.func and of more inference steps", body=body,
+                         started=started)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Every benchmark script at smoke scale (into ``tmp_path``): it runs, writes its JSON and Markdown, and the
+required keys are present and finite. Also: resumable training continues from its checkpoint.
+
+The five smoke runs take about 40-90 s together with one thread (more on a loaded machine), so the script runs
+are marked slow; the resume test is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REQUIRED = {
+    "inference_comparison": ("gap_closed_T5", "beats_best_optimizer_at_equal_time"),
+    "training_comparison": ("epochs", "nll_standard", "nll_iterative"),
+    "text_perplexity": ("perplexity_standard", "perplexity_iterative"),
+    "overhead": ("func_vs_autograd_ratio", "peak_mem_ratio_T16_vs_T2"),
+    "figures": ("final_relative_improvement",),
+}
+
+
+def _has_data() -> bool:
+    from learned_inference.data import find_data_file
+
+    try:
+        find_data_file("binarized_mnist.npz")
+        find_data_file("20news_bow.npz")
+    except (FileNotFoundError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_data(), reason="benchmark data files not found")
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_benchmark_smoke(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--scale", "smoke", "--threads", "1", "--quiet",
+         "--out", str(tmp_path), "--checkpoint-dir", str(tmp_path / "checkpoints")],
+        check=True, env=env, timeout=600,
+    )
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    for key in (*REQUIRED[name], "command", "machine", "versions", "seed", "settings"):
+        assert key in result, key
+    for key in REQUIRED[name]:
+        value = result[key]
+        assert isinstance(value, (bool, int, float)), (key, value)
+        assert math.isfinite(value), (key, value)
+    summary = (tmp_path / f"{name}.md").read_text()
+    assert summary.startswith("# ") and summary.count("\n# ") == 0
+    for line in summary.splitlines():
+        if line.startswith("![") and "](" in line:
+            assert (tmp_path / line.split("](")[1].rstrip(")")).is_file(), line
+
+
+def test_training_resumes_from_checkpoint(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import common
+
+    from learned_inference.model import DecoderModel
+
+    def build() -> tuple[DecoderModel, object]:
+        torch.manual_seed(0)
+        model = DecoderModel(torch.nn.Linear(2, 6), likelihood="bernoulli", latent_dim=2)
+        return model, common.make_method(model, kind="iterative", latent_dim=2, hidden_size=8, num_steps=2)
+
+    data = torch.bernoulli(torch.full((40, 6), 0.4))
+    args = common.parse_args("test", "test", argv=["--quiet", "--out", str(tmp_path),
+                                                    "--checkpoint-dir", str(tmp_path / "ck")])
+    options = {"label": "tiny", "config": {"k": 1}, "batch_size": 10, "lr": 1e-2}
+    model, method = build()
+    first = common.train_model(args, model, method, data, epochs=1, **options)
+    model, method = build()
+    both = common.train_model(args, model, method, data, epochs=2, **options)
+    assert both["train_elbo"][:1] == first["train_elbo"] and len(both["train_elbo"]) == 2
+    model, method = build()
+    straight = common.train_model(args, model, method, data, epochs=2, **{**options, "config": {"k": 2}})
+    assert straight["train_elbo"] == pytest.approx(both["train_elbo"], rel=1e-5)
