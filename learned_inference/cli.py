@@ -106,14 +106,14 @@ def _bench(args: argparse.Namespace) -> int:
                      f"available: {available or 'none (benchmarks ship with a source checkout)'}")
 
 
-def _add_data_options(parser: argparse.ArgumentParser, *, epochs: int) -> None:
+def _add_data_options(parser: argparse.ArgumentParser, *, epochs: int, latent_dim: int, hidden_size: int) -> None:
     parser.add_argument("--data", choices=sorted(DATASETS), default="digits",
                         help="dataset (default: the embedded binarized digits)")
     parser.add_argument("--path", default=None, help="file or folder with the data (default: search paths)")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--steps", type=int, default=5, help="inference steps T (default 5)")
-    parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--latent-dim", type=int, default=latent_dim)
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -123,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learned-inference", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="standard vs iterative VAE, with a report folder")
-    _add_data_options(demo, epochs=150)
+    _add_data_options(demo, epochs=100, latent_dim=8, hidden_size=64)
     demo.add_argument("--eval-samples", type=int, default=1000, help="importance samples for -log p(x)")
     demo.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
     demo.add_argument("--report", default="demo-report", help="report folder (default demo-report)")
     train = commands.add_parser("train", help="train an iterative-inference VAE with resumable checkpoints")
-    _add_data_options(train, epochs=50)
+    _add_data_options(train, epochs=50, latent_dim=64, hidden_size=512)
     train.add_argument("--checkpoint", default="checkpoint.pt", help="checkpoint file (resumed if it exists)")
     train.add_argument("--batch-size", type=int, default=100)
     train.add_argument("--lr", type=float, default=1e-3)
