@@ -17,18 +17,21 @@ from learned_inference.baselines import (
     clip_per_example,
     momentum_ascent_step,
 )
+from learned_inference.block_family import BlockFamily
 from learned_inference.encodings import (
     Concat,
     Data,
     Encoding,
     EncodingInputs,
     Errors,
+    HierarchicalErrors,
     LogSignGradient,
     PosteriorParams,
     StandardizedGradient,
     make_encoding,
 )
 from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
+from learned_inference.hierarchical import HierarchicalModel, precision_weighted_errors
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.likelihoods import (
     BernoulliLikelihood,
@@ -50,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BernoulliLikelihood",
     "BernoulliProbsLikelihood",
+    "BlockFamily",
     "Concat",
     "Data",
     "DecoderModel",
@@ -63,6 +67,8 @@ __all__ = [
     "GatedUpdate",
     "GaussianLikelihood",
     "GradientEStep",
+    "HierarchicalErrors",
+    "HierarchicalModel",
     "HighwayEncoder",
     "HighwayMLP",
     "InferenceMethod",
@@ -91,6 +97,7 @@ __all__ = [
     "make_family",
     "make_likelihood",
     "momentum_ascent_step",
+    "precision_weighted_errors",
     "prior_moments",
     "residual_update",
 ]

@@ -3,7 +3,8 @@
 Each encoding maps an :class:`EncodingInputs` (the λ-gradient, λ itself, the data and, when asked for, the
 errors) to a ``[B, F]`` feature tensor; :class:`Concat` joins several, in the spirit of ``optax.chain``.
 Names accepted by :func:`make_encoding`: ``"gradient"`` (log/sign, paper App. B.1), ``"standardized_gradient"``,
-``"data"``, ``"params"``, ``"errors"`` (paper Sec. 4.1). The default, gradient + data + params, is the paper's
+``"data"``, ``"params"``, ``"errors"`` (paper Sec. 4.1), ``"hierarchical_errors"`` (bottom-up and top-down
+precision-weighted errors per level, paper Sec. 4.3, eqs. 60-61). The default, gradient + data + params, is the paper's
 best configuration.
 
 Example:
@@ -31,6 +32,7 @@ __all__ = [
     "Encoding",
     "EncodingInputs",
     "Errors",
+    "HierarchicalErrors",
     "LogSignGradient",
     "PosteriorParams",
     "StandardizedGradient",
@@ -51,12 +53,18 @@ class EncodingInputs:
         params: the current λ.
         x: the data, ``[B, *event]``.
         errors: ``(εx, εz)`` = (x − E[x | z], z − μ_p) averaged over samples, when the encoding needs them.
+        level_errors: the precision-weighted error of every level, bottom-up (``{"x": ..., "z1": ..., ...}``,
+            see :func:`~learned_inference.hierarchical.precision_weighted_errors`), when the encoding needs them.
+        variable: the latent variable that ``grads`` and ``params`` are restricted to (one update network per
+            variable), or None when they cover all of λ.
     """
 
     grads: Params
     params: Params
     x: Tensor
     errors: tuple[Tensor, Tensor] | None = None
+    level_errors: dict[str, Tensor] | None = None
+    variable: str | None = None
 
 
 def log_sign_encode(g: Tensor, *, alpha: float, eps: float) -> Tensor:
@@ -75,9 +83,11 @@ def standardize(g: Tensor, *, eps: float) -> Tensor:
 
 
 class Encoding:
-    """Base class: ``__call__(inputs) -> [B, F]``; ``needs_errors`` says whether ``inputs.errors`` is used."""
+    """Base class: ``__call__(inputs) -> [B, F]``; ``needs_errors`` / ``needs_level_errors`` say whether
+    ``inputs.errors`` / ``inputs.level_errors`` are used."""
 
     needs_errors: bool = False
+    needs_level_errors: bool = False
 
     def __call__(self, inputs: EncodingInputs) -> Tensor:
         raise NotImplementedError
@@ -166,6 +176,56 @@ class Errors(Encoding):
         return "Errors()"
 
 
+class HierarchicalErrors(Encoding):
+    """Bottom-up and top-down precision-weighted errors of a hierarchical model (paper Sec. 4.3, eqs. 60-61).
+
+    With ε_ℓ = E_q[(v_ℓ − μ_ℓ,p) / σ²_ℓ,p] (level 0 is x), the gradient for level ℓ's posterior is built from the
+    bottom-up error ε_ℓ−1 and the top-down error ε_ℓ. For one latent variable ℓ (``inputs.variable``, one update
+    network per variable) the features are [ε_ℓ−1, ε_ℓ]; for all of λ they are [ε_x, ε_1, …, ε_L]. Needs a model
+    with ``conditionals(z)`` (see :mod:`learned_inference.hierarchical`).
+
+    Precision-weighted errors range over orders of magnitude while inference runs (large far from the optimum,
+    small near it), which the paper notes makes them hard to learn from (App. B.1); by default each error is
+    therefore encoded like the gradient, as [α·log(|ε| + eps), sign(ε)].
+
+    Args:
+        log_sign: encode [α·log(|ε| + eps), sign(ε)] (default) instead of the raw errors.
+        alpha: the scale α of the log-magnitude.
+        eps: the stabiliser inside the log.
+
+    Example:
+        >>> import torch
+        >>> errors = {"x": torch.ones(2, 5), "z1": torch.ones(2, 3), "z2": torch.ones(2, 1)}
+        >>> inputs = EncodingInputs(grads={}, params={}, x=torch.ones(2, 5), level_errors=errors, variable="z2")
+        >>> HierarchicalErrors(log_sign=False)(inputs).shape
+        torch.Size([2, 4])
+    """
+
+    needs_level_errors = True
+
+    def __init__(self, *, log_sign: bool = True, alpha: float = 0.1, eps: float = 1e-8) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.log_sign, self.alpha, self.eps = log_sign, alpha, eps
+
+    def __call__(self, inputs: EncodingInputs) -> Tensor:
+        errors = inputs.level_errors
+        if errors is None:
+            raise ValueError("the hierarchical_errors encoding needs EncodingInputs.level_errors")
+        levels = list(errors)
+        if inputs.variable is not None:
+            if inputs.variable not in levels[1:]:
+                raise ValueError(f"EncodingInputs.variable must be one of the latent levels {levels[1:]}, got "
+                                 f"{inputs.variable!r}")
+            index = levels.index(inputs.variable)
+            levels = levels[index - 1:index + 1]
+        features = torch.cat([errors[level] for level in levels], -1)
+        return log_sign_encode(features, alpha=self.alpha, eps=self.eps) if self.log_sign else features
+
+    def __repr__(self) -> str:
+        return f"HierarchicalErrors(log_sign={self.log_sign}, alpha={self.alpha}, eps={self.eps})"
+
+
 class Concat(Encoding):
     """Concatenates the features of several encodings (in order)."""
 
@@ -174,6 +234,7 @@ class Concat(Encoding):
             raise ValueError("Concat needs at least one encoding")
         self.encodings = encodings
         self.needs_errors = any(e.needs_errors for e in encodings)
+        self.needs_level_errors = any(e.needs_level_errors for e in encodings)
 
     def __call__(self, inputs: EncodingInputs) -> Tensor:
         return torch.cat([e(inputs) for e in self.encodings], -1)
@@ -188,6 +249,7 @@ _ENCODINGS: dict[str, type[Encoding]] = {
     "data": Data,
     "params": PosteriorParams,
     "errors": Errors,
+    "hierarchical_errors": HierarchicalErrors,
 }
 
 

@@ -14,18 +14,21 @@ Training (paper App. B.3): the update network's loss is the mean over steps of �
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributions import Distribution
 from torch.nn.parameter import is_lazy
 
+from learned_inference.block_family import BlockFamily
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
 from learned_inference.families import Family, Params
+from learned_inference.hierarchical import OBSERVED, check_hierarchical_model, precision_weighted_errors
 from learned_inference.inference import InferenceMethod, InferenceResult, check_int, detach
 from learned_inference.model import LatentModel, LatentSpace
-from learned_inference.networks import UpdateNetwork, make_network
+from learned_inference.networks import State, UpdateNetwork, make_network
 from learned_inference.objectives import PriorMoments, elbo, elbo_and_grad, prior_moments
 from learned_inference.updates import make_update
 
@@ -53,6 +56,11 @@ def observation_errors(
     z = family.sample(params, noise)
     mean_x = model.likelihood_mean(space.split(z)).mean(0)  # type: ignore[attr-defined]
     return x - mean_x, (z - prior[0].to(z)).mean(0)
+
+
+def _mask_rows(healthy: Tensor, value: Tensor) -> Tensor:
+    """``value`` with the rows of unhealthy examples set to zero."""
+    return torch.where(healthy.view(-1, *[1] * (value.dim() - 1)), value, 0.0)
 
 
 def _full_precision(x: Tensor) -> Any:
@@ -121,15 +129,24 @@ class IterativeInferenceOptimizer(InferenceMethod):
 
     Args:
         model: anything with ``log_joint(x, z)`` (see :mod:`learned_inference.model`).
-        latent_dim: the size of z, or a dict of sizes for several latent variables.
+        latent_dim: the size of z, or a dict of sizes for several latent variables (listed bottom-up for a
+            hierarchy: ``{"z1": 64, "z2": 32}``, z1 next to the data).
         num_steps: refinement steps T used by :meth:`forward` (and by :meth:`infer` unless overridden).
-        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a :class:`~learned_inference.families.Family`.
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, a :class:`~learned_inference.families.Family`,
+            or for several latent variables a dict of them, one per variable (a
+            :class:`~learned_inference.block_family.BlockFamily`; the families must share their parameter names).
         encoding: what the network sees: names or :class:`~learned_inference.encodings.Encoding` objects
-            (default ``("gradient", "data", "params")``).
+            (default ``("gradient", "data", "params")``; ``"hierarchical_errors"`` adds the bottom-up and
+            top-down errors of a model with ``conditionals(z)``, see :mod:`learned_inference.hierarchical`).
         update: ``"gated"`` (eq. 62, default) or ``"residual"``.
         network: ``"highway"`` (feed-forward, default), ``"lstm"``, ``"gru"``, or an
-            :class:`~learned_inference.networks.UpdateNetwork`.
-        hidden_size: units per layer of the built network.
+            :class:`~learned_inference.networks.UpdateNetwork` (with ``per_variable_networks``: a name, or a dict
+            of them keyed by variable).
+        per_variable_networks: one update network (and update heads) per latent variable instead of one over all
+            of λ. Variable v's network sees the encoding of its own gradient and λ block, the data, and for
+            ``"hierarchical_errors"`` its bottom-up and top-down errors; it updates only v's block.
+        hidden_size: units per layer of the built network (with ``per_variable_networks``: an int, or a dict
+            of them keyed by variable).
         num_layers: hidden layers of the highway network.
         num_samples: reparameterized samples S per ELBO evaluation.
         init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
@@ -164,8 +181,9 @@ class IterativeInferenceOptimizer(InferenceMethod):
         family: str | Family = "diagonal_gaussian",
         encoding: str | Encoding | Sequence[str | Encoding] = DEFAULT_ENCODING,
         update: str = "gated",
-        network: str | UpdateNetwork = "highway",
-        hidden_size: int = 512,
+        network: str | UpdateNetwork | Mapping[str, str | UpdateNetwork] = "highway",
+        per_variable_networks: bool = False,
+        hidden_size: int | Mapping[str, int] = 512,
         num_layers: int = 2,
         num_samples: int = 1,
         init: str = "prior",
@@ -174,11 +192,12 @@ class IterativeInferenceOptimizer(InferenceMethod):
         second_order: bool = False,
         on_nonfinite: str = "warn",
     ) -> None:
+        if isinstance(family, Mapping):
+            family = BlockFamily(family, space=LatentSpace(latent_dim))
         super().__init__(
             model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
             analytic_kl=analytic_kl,
         )
-        check_int("hidden_size", hidden_size, minimum=1)
         check_int("num_layers", num_layers, minimum=1)
         self.encoding = make_encoding(encoding)
         if init not in ("prior", "encoder"):
@@ -193,19 +212,55 @@ class IterativeInferenceOptimizer(InferenceMethod):
                         f"the 'errors' encoding needs model.{method}(); {type(model).__name__} has none "
                         "(DecoderModel and VAEModel provide it), or use encoding=('gradient', 'data', 'params')"
                     )
-        self.network = make_network(network, hidden_size=hidden_size, num_layers=num_layers)
-        self.update = make_update(
-            update, self.family.param_names, hidden_size=self.network.hidden_size, dim=self.space.total_dim
+        if self.encoding.needs_level_errors:
+            check_hierarchical_model(model, self.space)
+        self.per_variable_networks = bool(per_variable_networks)
+        self.network, self.update, recurrent = self._build_networks(
+            network, update, hidden_size=hidden_size, num_layers=num_layers
         )
-        self.backprop_through_steps = (
-            self.network.recurrent if backprop_through_steps is None else bool(backprop_through_steps)
-        )
+        self.backprop_through_steps = recurrent if backprop_through_steps is None else bool(backprop_through_steps)
         if second_order and not self.backprop_through_steps:
             raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
         self.second_order = second_order
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+
+    def _build_networks(
+        self, network: str | UpdateNetwork | Mapping[str, str | UpdateNetwork], update: str, *,
+        hidden_size: int | Mapping[str, int], num_layers: int,
+    ) -> tuple[nn.Module, nn.Module, bool]:
+        """(network, update heads, recurrent): one of each over all of λ, or ``nn.ModuleDict`` s per variable."""
+        names = self.family.param_names
+        if not self.per_variable_networks:
+            if isinstance(hidden_size, Mapping) or isinstance(network, Mapping):
+                raise ValueError("hidden_size and network may be dicts only with per_variable_networks=True")
+            net = make_network(network, hidden_size=check_int("hidden_size", hidden_size, minimum=1),
+                               num_layers=num_layers)
+            heads = make_update(update, names, hidden_size=net.hidden_size, dim=self.space.total_dim)
+            return net, heads, net.recurrent
+        variables = self.space.names
+        if variables is None:
+            raise ValueError("per_variable_networks=True needs latent_dim as a dict of sizes (several variables)")
+        if isinstance(network, UpdateNetwork):
+            raise ValueError("with per_variable_networks=True, network must be a name or a dict of UpdateNetwork "
+                             "instances keyed by variable (one instance cannot serve several variables)")
+        per_var = {"hidden_size": hidden_size, "network": network}
+        for option, value in per_var.items():
+            if isinstance(value, Mapping) and set(value) != set(variables):
+                raise ValueError(f"{option} must have one entry per latent variable {list(variables)}, got "
+                                 f"{sorted(value)}")
+            per_var[option] = value if isinstance(value, Mapping) else dict.fromkeys(variables, value)
+        nets = nn.ModuleDict({
+            v: make_network(per_var["network"][v],
+                            hidden_size=check_int(f"hidden_size[{v!r}]", per_var["hidden_size"][v], minimum=1),
+                            num_layers=num_layers)
+            for v in variables
+        })
+        heads = nn.ModuleDict({
+            v: make_update(update, names, hidden_size=nets[v].hidden_size, dim=self.space.sizes[v]) for v in variables
+        })
+        return nets, heads, any(net.recurrent for net in nets.values())
 
     def forward(
         self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
@@ -236,8 +291,35 @@ class IterativeInferenceOptimizer(InferenceMethod):
         params = self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
         zeros = {name: torch.zeros_like(value) for name, value in params.items()}
         errors = (torch.zeros_like(x), params[self.family.param_names[0]]) if self.encoding.needs_errors else None
+        level_errors = None
+        if self.encoding.needs_level_errors:
+            level_errors = {OBSERVED: x.flatten(1), **self.space.split(zeros[self.family.param_names[0]])}
         with torch.no_grad():
-            self.network(self.encoding(EncodingInputs(grads=zeros, params=params, x=x, errors=errors)))
+            self._propose(EncodingInputs(grads=zeros, params=params, x=x, errors=errors, level_errors=level_errors),
+                          None)
+
+    def _propose(self, inputs: EncodingInputs, state: Any) -> tuple[Params, Any]:
+        """The update network(s)' next λ from the encoded inputs (before the family's constraints)."""
+        if not self.per_variable_networks:
+            with _full_precision(inputs.x):
+                features = self.encoding(inputs)
+            hidden, state = self.network(features, state)
+            return self.update(hidden, inputs.params), state
+        space = self.space
+        grads = {n: space.split(g) for n, g in inputs.grads.items()}
+        params = {n: space.split(p) for n, p in inputs.params.items()}
+        states: dict[str, State] = dict(state or {})
+        blocks: dict[str, Params] = {}
+        for v in self.network:
+            errors = None if inputs.errors is None else (inputs.errors[0], space.split(inputs.errors[1])[v])
+            block = {n: params[n][v] for n in params}
+            restricted = EncodingInputs(grads={n: grads[n][v] for n in grads}, params=block, x=inputs.x,
+                                        errors=errors, level_errors=inputs.level_errors, variable=v)
+            with _full_precision(inputs.x):
+                features = self.encoding(restricted)
+            hidden, states[v] = self.network[v](features, states.get(v))
+            blocks[v] = self.update[v](hidden, block)
+        return {n: torch.cat([blocks[v][n] for v in self.network], -1) for n in inputs.params}, states
 
     def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
         names = self.family.param_names
@@ -274,18 +356,21 @@ class IterativeInferenceOptimizer(InferenceMethod):
             if final:
                 trace.final_values = values
                 break
-            errors = None
-            if self.encoding.needs_errors:
-                with torch.no_grad(), _full_precision(x):
+            errors = level_errors = None
+            with torch.no_grad(), _full_precision(x):
+                if self.encoding.needs_errors:
                     errors = observation_errors(model, family, lam, x, eps, space=space, prior=prior)
-                    errors = tuple(torch.where(healthy.view(-1, *[1] * (e.dim() - 1)), e, 0.0) for e in errors)
+                    errors = tuple(_mask_rows(healthy, e) for e in errors)
+                if self.encoding.needs_level_errors:
+                    z = space.split(family.sample(lam, eps))
+                    level_errors = {k: _mask_rows(healthy, e) for k, e in
+                                    precision_weighted_errors(model, x, z).items()}  # type: ignore[arg-type]
             grad_inputs = grads if second_order else detach(grads)
             with torch.set_grad_enabled(train):
                 base = params if bptt else lam
-                with _full_precision(x):
-                    features = self.encoding(EncodingInputs(grads=grad_inputs, params=base, x=x, errors=errors))
-                hidden, state = self.network(features, state)
-                updated = family.constrain(self.update(hidden, base))
+                inputs = EncodingInputs(grads=grad_inputs, params=base, x=x, errors=errors, level_errors=level_errors)
+                proposed, state = self._propose(inputs, state)
+                updated = family.constrain(proposed)
                 # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing).
                 params = {n: torch.where(healthy[:, None], v.to(base[n].dtype), base[n]) for n, v in updated.items()}
 
@@ -295,6 +380,12 @@ class IterativeInferenceOptimizer(InferenceMethod):
         public, posterior = self._public(params)
         return InferenceResult(params=public, posterior=posterior, elbo=trace.elbo(), loss=loss,
                                grad_norm=torch.stack(trace.norms))
+
+    def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
+        if not isinstance(self.family, BlockFamily):
+            return super()._public(params)
+        params = detach(params)
+        return self.family.blocks(params), self.family.distributions(params)
 
     def _report_unhealthy(self, trace: _Trace) -> None:
         bad = trace.unhealthy_examples()
@@ -349,5 +440,6 @@ class IterativeInferenceOptimizer(InferenceMethod):
     def extra_repr(self) -> str:
         return (
             f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "
-            f"num_samples={self.num_samples}, init={self.init!r}, backprop_through_steps={self.backprop_through_steps}"
+            f"num_samples={self.num_samples}, init={self.init!r}, backprop_through_steps={self.backprop_through_steps},"
+            f" per_variable_networks={self.per_variable_networks}"
         )
