@@ -8,8 +8,6 @@ import pytest
 import torch
 from hypothesis import settings
 
-from learned_inference import DecoderModel
-
 settings.register_profile("default", deadline=None, max_examples=25)
 settings.register_profile("ci", deadline=None, max_examples=50)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
@@ -23,9 +21,15 @@ def mlp_decoder(latent_dim: int, data_dim: int, *, hidden: int = 16, seed: int =
     ).to(dtype)
 
 
-@pytest.fixture
-def bernoulli_model():
-    return DecoderModel(mlp_decoder(3, 10), likelihood="bernoulli", latent_dim=3)
+def train_update_network(inference, x_train, *, iterations: int, lr: float = 3e-3, batch_size: int = 64) -> None:
+    """Trains only the update network (the model is fixed) with Adam and a cosine learning-rate decay."""
+    optim = torch.optim.Adam(inference.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, iterations)
+    for _ in range(iterations):
+        optim.zero_grad()
+        inference(x_train[torch.randint(0, len(x_train), (batch_size,))]).loss.backward()
+        optim.step()
+        schedule.step()
 
 
 @pytest.fixture(autouse=True)

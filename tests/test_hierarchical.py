@@ -16,6 +16,7 @@ from learned_inference.model import LatentSpace
 from learned_inference.networks import HighwayMLP
 from learned_inference.objectives import elbo_and_grad
 from learned_inference.zoo import BottomUpEncoder, LinearGaussianHierarchy, ProbabilisticPCA, TwoLevelVAE
+from tests.conftest import train_update_network
 
 B, X, DIMS = 5, 8, (3, 2)
 
@@ -199,14 +200,7 @@ def test_learned_optimizer_reaches_the_best_mean_field_elbo():
     x_train, x_test = model.sample(4096, generator=gen), model.sample(512, generator=gen)
     inference = IterativeInferenceOptimizer(model, latent_dim=model.latent_dim, num_steps=5, hidden_size=64,
                                             encoding=("gradient", "hierarchical_errors", "data", "params"))
-    iterations = 1500
-    optim = torch.optim.Adam(inference.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, iterations)
-    for _ in range(iterations):
-        optim.zero_grad()
-        inference(x_train[torch.randint(0, len(x_train), (64,))]).loss.backward()
-        optim.step()
-        schedule.step()
+    train_update_network(inference, x_train, iterations=1500)
     e_step = GradientEStep(model, latent_dim=model.latent_dim, lr=0.05, num_steps=1000, num_samples=16)
     long_e_step = model.exact_elbo(x_test, e_step.infer(x_test).params).mean().item()
     closed_form = model.exact_elbo(x_test, model.mean_field_optimum(x_test)).mean().item()

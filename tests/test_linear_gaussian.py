@@ -9,6 +9,7 @@ import torch
 
 from learned_inference import IterativeInferenceOptimizer
 from learned_inference.zoo import ProbabilisticPCA
+from tests.conftest import train_update_network
 
 TRAIN_STEPS = 5
 
@@ -21,14 +22,7 @@ def trained():
     model = ProbabilisticPCA.random(data_dim=16, latent_dim=4, generator=gen).requires_grad_(False)
     x_train, x_test = model.sample(4096, generator=gen), model.sample(512, generator=gen)
     inference = IterativeInferenceOptimizer(model, latent_dim=4, num_steps=TRAIN_STEPS, hidden_size=64)
-    iterations = 1500
-    optim = torch.optim.Adam(inference.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, iterations)
-    for _ in range(iterations):
-        optim.zero_grad()
-        inference(x_train[torch.randint(0, len(x_train), (64,))]).loss.backward()
-        optim.step()
-        schedule.step()
+    train_update_network(inference, x_train, iterations=1500)
     return model, inference, x_test
 
 
