@@ -92,7 +92,7 @@ def elbo(
     when S = 1 and ``[S, B, D]`` otherwise (split into a dict for several latent variables).
     """
     z = family.sample(params, noise)
-    z_in = space.split(z[0] if z.shape[0] == 1 else z)
+    z_in = space.split(z.squeeze(0) if z.shape[0] == 1 else z)
     kl = None
     if prior is not None:
         loc = params[family.param_names[0]]
