@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from learned_inference.checkpoint import load_checkpoint, save_checkpoint
 from learned_inference.demo import train_method
+from learned_inference.encodings import Encoding
 from learned_inference.inference import InferenceMethod
 
 __all__ = [
@@ -258,7 +259,7 @@ def median_iqr(values: Sequence[float]) -> dict[str, float]:
 
 def make_method(
     model: Any, *, kind: str, latent_dim: int, hidden_size: int, num_steps: int = 5,
-    encoding: Sequence[str] = ("gradient", "data", "params"),
+    encoding: Sequence[str | Encoding] = ("gradient", "data", "params"),
 ) -> InferenceMethod:
     """``"standard"``: the model's own encoder (one pass); ``"encoder-only"``: a new highway encoder for a given
     decoder; ``"iterative"``: an iterative inference model with ``encoding`` and ``num_steps`` steps."""
