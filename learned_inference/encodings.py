@@ -133,6 +133,9 @@ class StandardizedGradient(Encoding):
 class Data(Encoding):
     """The data x, flattened to ``[B, prod(event)]``.
 
+    For count data (bag-of-words) use ``Data(log1p=True)``: raw counts reach the hundreds and train badly (on 20
+    Newsgroups, perplexity 15.6 with raw counts vs 14.8 with log(1 + x), ``benchmarks/results/text_perplexity.md``).
+
     Args:
         log1p: encode log(1 + x) instead of x (for count data).
     """
