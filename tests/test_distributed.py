@@ -57,6 +57,8 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
             _train(ddp, list(ddp.parameters()), x[shard], noise[:, :, shard])
             grads = {name: p.grad for name, p in joint.named_parameters()}
             torch.save({"grads": grads, "reductions": reductions[0]}, f"{out_dir}/{network}-{rank}.pt")
+        # Both ranks finish their collectives before either tears gloo down (else one can abort at exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
