@@ -80,6 +80,7 @@ class _Trace:
         self.phi_grads: list[Tensor] | None = None
         self.surrogate = x.new_zeros(())
         self.final_values: Tensor | None = None
+        self.final_noise: Tensor | None = None
 
     def record(self, values: Tensor, grads: Params) -> Tensor:
         """Stores step t's ELBO and gradient norm; returns the per-example mask of finite ELBO and gradient."""
@@ -354,7 +355,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
             if train and any(p.requires_grad for p in params.values()):
                 self._learn_from_step(trace, t, params, grads, bptt=bptt)
             if final:
-                trace.final_values = values
+                trace.final_values, trace.final_noise = values, eps
                 break
             errors = level_errors = None
             with torch.no_grad(), _full_precision(x):
@@ -374,7 +375,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
                 # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing).
                 params = {n: torch.where(healthy[:, None], v.to(base[n].dtype), base[n]) for n, v in updated.items()}
 
-        final_loss = self._final_model_loss(trace, params, x, num_steps, noise, kl_prior) if train else None
+        final_loss = self._final_model_loss(trace, params, x, kl_prior) if train else None
         self._report_unhealthy(trace)
         loss = trace.loss(final_loss)
         public, posterior = self._public(params)
@@ -407,7 +408,8 @@ class IterativeInferenceOptimizer(InferenceMethod):
         and a trainable encoder at t = 0)."""
         weight = 1.0 / (trace.batch * trace.num_steps) if t > 0 else 1.0 / trace.batch
         if t > 0 and not bptt:
-            trace.phi = [p for p in self.parameters() if p.requires_grad]
+            if not trace.phi:
+                trace.phi = [p for p in self.parameters() if p.requires_grad]
             step_grads = torch.autograd.grad(
                 [params[n] for n in grads], trace.phi, grad_outputs=[-weight * g.detach() for g in grads.values()],
                 allow_unused=True,
@@ -418,8 +420,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
             trace.surrogate = trace.surrogate - weight * sum((g.detach() * params[n]).sum() for n, g in grads.items())
 
     def _final_model_loss(
-        self, trace: _Trace, params: Params, x: Tensor, num_steps: int, noise: Tensor | None,
-        prior: PriorMoments | None,
+        self, trace: _Trace, params: Params, x: Tensor, prior: PriorMoments | None
     ) -> Tensor | None:
         """−L_T averaged over the healthy examples, with the graph to the model's parameters."""
         values = trace.final_values
@@ -430,8 +431,8 @@ class IterativeInferenceOptimizer(InferenceMethod):
             return -values.mean()
         if not bool(healthy.any()):
             return None
-        # Re-evaluate on the healthy rows only: a non-finite row would turn 0 · inf into NaN in the backward pass.
-        eps = self._noise(noise, num_steps, x)[:, healthy]
+        # Re-evaluate on the healthy rows only (same noise): a non-finite row would turn 0 · inf into NaN backward.
+        eps = trace.final_noise[:, healthy]
         with _full_precision(x):
             kept = elbo(self.model, self.family, {n: v.detach()[healthy] for n, v in params.items()}, x[healthy],
                         eps, space=self.space, prior=prior)

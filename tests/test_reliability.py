@@ -140,6 +140,21 @@ def test_non_finite_examples_do_not_poison_the_batch_and_are_reported():
         assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
+def test_non_finite_examples_are_refit_with_the_final_steps_own_noise():
+    """Leaving unhealthy rows out of the model's loss reuses the final step's sample: T + 1 draws, no more."""
+    _, inference, x = _overflowing()
+    with pytest.warns(RuntimeWarning):
+        inference.infer(x, num_steps=0)  # sizes the lazy layer, whose initialisation also draws random numbers
+    torch.manual_seed(7)
+    with pytest.warns(RuntimeWarning):
+        inference(x).loss.backward()
+    after_forward = torch.randn(1)
+    torch.manual_seed(7)
+    for _ in range(inference.num_steps + 1):
+        torch.randn(1, len(x), D, dtype=torch.float64)
+    assert torch.equal(after_forward, torch.randn(1))
+
+
 def test_non_finite_examples_raise_by_policy():
     _, inference, x = _overflowing(on_nonfinite="raise")
     with pytest.raises(FloatingPointError, match="examples 0, 3"):
