@@ -11,27 +11,29 @@ Example:
 
 from learned_inference.baselines import (
     GradientEStep,
-    HighwayEncoder,
     SemiAmortized,
     StandardEncoder,
     clip_per_example,
     momentum_ascent_step,
 )
-from learned_inference.block_family import BlockFamily
+from learned_inference.block_family import BlockDistribution, BlockFamily
+from learned_inference.context import StepContext
 from learned_inference.encodings import (
     Concat,
     Data,
     Encoding,
-    EncodingInputs,
     Errors,
+    FeatureShapes,
     HierarchicalErrors,
     LogSignGradient,
     PosteriorParams,
     StandardizedGradient,
     make_encoding,
 )
+from learned_inference.engine import Training, TrainingLoss, Trajectory, refine
+from learned_inference.errors import observation_errors, precision_weighted_errors
 from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
-from learned_inference.hierarchical import HierarchicalModel, precision_weighted_errors
+from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.likelihoods import (
     BernoulliLikelihood,
@@ -42,17 +44,31 @@ from learned_inference.likelihoods import (
     make_likelihood,
 )
 from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
-from learned_inference.networks import HighwayMLP, RecurrentNetwork, UpdateNetwork
-from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
+from learned_inference.networks import (
+    HighwayEncoder,
+    HighwayMLP,
+    PerVariableNetwork,
+    RecurrentNetwork,
+    UpdateNetwork,
+)
+from learned_inference.objectives import Objective, elbo, elbo_and_grad, prior_moments
 from learned_inference.optimizer import IterativeInferenceOptimizer
 from learned_inference.training import ModelWithInference
-from learned_inference.updates import GatedUpdate, ResidualUpdate, gated_update, residual_update
+from learned_inference.updates import (
+    GatedUpdate,
+    PerVariableUpdate,
+    ResidualUpdate,
+    Update,
+    gated_update,
+    residual_update,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BernoulliLikelihood",
     "BernoulliProbsLikelihood",
+    "BlockDistribution",
     "BlockFamily",
     "Concat",
     "Data",
@@ -61,9 +77,9 @@ __all__ = [
     "DiagonalGaussian",
     "Dirac",
     "Encoding",
-    "EncodingInputs",
     "Errors",
     "Family",
+    "FeatureShapes",
     "GatedUpdate",
     "GaussianLikelihood",
     "GradientEStep",
@@ -80,12 +96,20 @@ __all__ = [
     "LogSignGradient",
     "ModelWithInference",
     "MultinomialLikelihood",
+    "Objective",
+    "PerVariableNetwork",
+    "PerVariableUpdate",
     "PosteriorParams",
     "RecurrentNetwork",
     "ResidualUpdate",
     "SemiAmortized",
     "StandardEncoder",
     "StandardizedGradient",
+    "StepContext",
+    "Training",
+    "TrainingLoss",
+    "Trajectory",
+    "Update",
     "UpdateNetwork",
     "VAEModel",
     "__version__",
@@ -97,7 +121,9 @@ __all__ = [
     "make_family",
     "make_likelihood",
     "momentum_ascent_step",
+    "observation_errors",
     "precision_weighted_errors",
     "prior_moments",
+    "refine",
     "residual_update",
 ]

@@ -35,17 +35,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from learned_inference.context import StepContext
+from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
-from learned_inference.inference import InferenceMethod, InferenceResult, check_int, detach
+from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel
-from learned_inference.networks import HighwayMLP
-from learned_inference.objectives import elbo_and_grad, prior_moments
+from learned_inference.networks import HighwayEncoder
 
 __all__ = [
     "GradientEStep",
-    "HighwayEncoder",
     "SemiAmortized",
     "StandardEncoder",
     "clip_per_example",
@@ -53,37 +53,6 @@ __all__ = [
 ]
 
 Encoder = Callable[[Tensor], tuple[Any, Any]]
-State = Any
-
-
-class HighwayEncoder(nn.Module):
-    """An inference network x → (μ, log σ²): a highway MLP (ELU, paper App. C) with two linear heads.
-
-    The input layer is lazy, so the data's size is read on the first call; ``x`` of shape ``[B, *event]`` is
-    flattened to ``[B, F]``.
-
-    Args:
-        latent_dim: the size of z (the total size for several latent variables).
-        hidden_size: units per hidden layer.
-        num_layers: hidden layers.
-
-    Example:
-        >>> import torch
-        >>> loc, log_var = HighwayEncoder(3, hidden_size=8)(torch.zeros(5, 2, 4))
-        >>> loc.shape, log_var.shape
-        (torch.Size([5, 3]), torch.Size([5, 3]))
-    """
-
-    def __init__(self, latent_dim: int, *, hidden_size: int = 512, num_layers: int = 2) -> None:
-        super().__init__()
-        check_int("latent_dim", latent_dim, minimum=1)
-        self.body = HighwayMLP(hidden_size=hidden_size, num_layers=num_layers)
-        self.loc = nn.Linear(hidden_size, latent_dim)
-        self.log_var = nn.Linear(hidden_size, latent_dim)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        hidden, _ = self.body(x.flatten(1))
-        return self.loc(hidden), self.log_var(hidden)
 
 
 def clip_per_example(grads: Params, norm: Tensor, *, max_norm: float) -> Params:
@@ -127,9 +96,9 @@ def momentum_ascent_step(
 
 
 class _GradientRefinement(InferenceMethod):
-    """The shared machinery: λ_0 (prior, or an encoder), then ``_step`` applied to ∇_λ L for T steps."""
+    """The shared machinery: λ_0 (prior, or an encoder), then :meth:`_ascend` on the (clipped) ∇_λ L_t."""
 
-    #: whether :meth:`forward` backpropagates through the steps (needs a differentiable ``_step``)
+    #: whether :meth:`forward` backpropagates through the steps (needs a differentiable ``_ascend``)
     backprop_through_steps: bool = False
 
     def __init__(
@@ -140,21 +109,22 @@ class _GradientRefinement(InferenceMethod):
         num_steps: int,
         init: str | Encoder,
         allow_prior: bool,
-        family: str | Family,
+        family: str | Family | Mapping[str, str | Family],
         num_samples: int,
         analytic_kl: bool,
         max_grad_norm: float | None,
         hidden_size: int,
         num_layers: int,
+        on_nonfinite: str,
     ) -> None:
         super().__init__(
             model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
-            analytic_kl=analytic_kl,
+            analytic_kl=analytic_kl, on_nonfinite=on_nonfinite,
         )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
-        self.init = init if isinstance(init, str) else "callable"
+        self.start = init if isinstance(init, str) else "callable"
         self.encoder: Encoder | None = None
         if init == "prior" and allow_prior:
             return
@@ -177,7 +147,7 @@ class _GradientRefinement(InferenceMethod):
             )
 
     def forward(
-        self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
+        self, x: Tensor, *, init_params: dict[str, Any] | None = None, noise: Tensor | None = None
     ) -> InferenceResult:
         """Runs ``num_steps`` steps and returns a result whose ``loss`` trains the model and the encoder.
 
@@ -191,13 +161,8 @@ class _GradientRefinement(InferenceMethod):
         """
         return super().forward(x, init_params=init_params, noise=noise)
 
-    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
-        """λ_{t+1} from λ_t and the (clipped) ascent direction ∇_λ L_t; ``state`` starts as None."""
-        raise NotImplementedError
-
-    def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
-        if init_params is not None:
-            return self._flatten(init_params)
+    def init(self, x: Tensor) -> Params:
+        """λ_0: the prior, or the encoder's (loc, log_var) with its graph."""
         space = self.space
         if self.encoder is None:
             return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
@@ -205,62 +170,27 @@ class _GradientRefinement(InferenceMethod):
         flat = {n: v if isinstance(v, Tensor) else space.merge(v) for n, v in encoded.items()}
         return self.family.constrain({name: flat[name] for name in self.family.param_names})
 
-    def _run(
-        self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
-    ) -> InferenceResult:
-        model, family, space = self.model, self.family, self.space
-        self._check_inputs(x, num_steps, noise)
-        prior = prior_moments(model, space) if self.analytic_kl else None
-        initial = self._initial_params(x, init_params)
-        trains_initial = train and any(p.requires_grad for p in initial.values())
-        unrolled = trains_initial and self.backprop_through_steps
-        start = {n: p.detach().requires_grad_(unrolled) for n, p in initial.items()}
+    def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
+        """:meth:`_ascend` on ∇_λ L_t, clipped per example to ``max_grad_norm``."""
+        grads = context.grads
+        if self.max_grad_norm is not None:
+            grads = clip_per_example(grads, context.grad_norm, max_norm=self.max_grad_norm)
+        return self._ascend(context.params, grads, state)
 
-        params, state = start, None
-        elbos: list[Tensor] = []
-        norms: list[Tensor] = []
-        first_grads: Params = {}
-        for t in range(num_steps + 1):
-            final = t == num_steps
-            lam = params if unrolled and not final else detach(params)
-            with torch.set_grad_enabled(train and (final or unrolled)):
-                values, grads = elbo_and_grad(model, family, lam, x, self._noise(noise, t, x), space=space,
-                                              prior=prior)
-                norm = torch.sqrt(sum(g.square().sum(-1) for g in grads.values()))
-                elbos.append(values.detach())
-                norms.append(norm.detach())
-                if t == 0:
-                    first_grads = detach(grads)
-                if final:
-                    break
-                if self.max_grad_norm is not None:
-                    grads = clip_per_example(grads, norm, max_norm=self.max_grad_norm)
-                params, state = self._step(lam, grads if unrolled else detach(grads), state)
+    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
+        """λ_{t+1} from λ_t and the ascent direction; ``state`` starts as None."""
+        raise NotImplementedError
 
-        elbo = torch.stack(elbos)
-        loss = -elbo[-1].mean()
-        if train:
-            graph_part = -values.mean() if values.requires_grad else loss.new_zeros(())
-            if trains_initial:
-                # λ̄ = dL_T/dλ_0 through the steps (unrolled), else ∇_{λ_0} L_0 (stop-gradient refinement).
-                cotangent = first_grads
-                if unrolled:
-                    names = list(grads)
-                    through = torch.autograd.grad([params[n] for n in names], [start[n] for n in names],
-                                                  grad_outputs=[grads[n].detach() for n in names])
-                    cotangent = dict(zip(names, through, strict=True))
-                encoder_part = sum((cotangent[n] * initial[n]).sum() for n in cotangent)
-                graph_part = graph_part - encoder_part / x.shape[0]
-            if graph_part.requires_grad:
-                loss = loss + (graph_part - graph_part.detach())
-        public, posterior = self._public(params)
-        grad_norm = torch.stack(norms)
-        return InferenceResult(params=public, posterior=posterior, elbo=elbo, loss=loss, grad_norm=grad_norm)
+    def training_rule(self) -> Training:
+        """The model from −L_T; an encoder from −L_0, or from −L_T through the steps."""
+        through = self.backprop_through_steps
+        return Training(step_weights=final_step, encoder_weight=0.0 if through else 1.0,
+                        backprop_through_steps=through, second_order=through)
 
     def extra_repr(self) -> str:
         return (
             f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, "
-            f"num_samples={self.num_samples}, init={self.init!r}, max_grad_norm={self.max_grad_norm}"
+            f"num_samples={self.num_samples}, init={self.start!r}, max_grad_norm={self.max_grad_norm}"
         )
 
 
@@ -275,13 +205,15 @@ class StandardEncoder(_GradientRefinement):
         model: anything with ``log_joint(x, z)``.
         latent_dim: the size of z, or a dict of sizes for several latent variables.
         init: the encoder: ``"encoder"`` (``model.encode``, default), ``"highway"`` (a built
-            :class:`HighwayEncoder`, a submodule), or any callable/module x → (loc, log_var).
+            :class:`~learned_inference.networks.HighwayEncoder`, a submodule), or any callable/module
+            x → (loc, log_var).
         family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
             :class:`~learned_inference.families.Family`.
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         hidden_size: units per layer of a built highway encoder.
         num_layers: hidden layers of a built highway encoder.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"`` for examples whose ELBO or λ-gradient is not finite.
 
     Example:
         >>> import torch
@@ -306,14 +238,15 @@ class StandardEncoder(_GradientRefinement):
         analytic_kl: bool = True,
         hidden_size: int = 512,
         num_layers: int = 2,
+        on_nonfinite: str = "warn",
     ) -> None:
         super().__init__(
             model, latent_dim=latent_dim, num_steps=0, init=init, allow_prior=False, family=family,
             num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=None, hidden_size=hidden_size,
-            num_layers=num_layers,
+            num_layers=num_layers, on_nonfinite=on_nonfinite,
         )
 
-    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
         return params, state
 
 
@@ -334,7 +267,7 @@ class GradientEStep(_GradientRefinement):
         num_steps: steps T (default for :meth:`forward` and :meth:`infer`).
         optimizer_options: further keyword arguments for ``optimizer`` (e.g. ``{"momentum": 0.9}``).
         init: λ_0: ``"prior"`` (default), ``"encoder"`` (``model.encode``), ``"highway"`` (a built
-            :class:`HighwayEncoder`), or a callable x → (loc, log_var).
+            :class:`~learned_inference.networks.HighwayEncoder`), or a callable x → (loc, log_var).
         max_grad_norm: clip each example's λ-gradient to this norm (None: no clipping).
         family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
             :class:`~learned_inference.families.Family`.
@@ -342,6 +275,7 @@ class GradientEStep(_GradientRefinement):
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         hidden_size: units per layer of a built highway encoder.
         num_layers: hidden layers of a built highway encoder.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"`` for examples whose ELBO or λ-gradient is not finite.
 
     Example:
         >>> import torch
@@ -375,11 +309,12 @@ class GradientEStep(_GradientRefinement):
         analytic_kl: bool = True,
         hidden_size: int = 512,
         num_layers: int = 2,
+        on_nonfinite: str = "warn",
     ) -> None:
         super().__init__(
             model, latent_dim=latent_dim, num_steps=num_steps, init=init, allow_prior=True, family=family,
             num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=max_grad_norm,
-            hidden_size=hidden_size, num_layers=num_layers,
+            hidden_size=hidden_size, num_layers=num_layers, on_nonfinite=on_nonfinite,
         )
         if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer class, got {optimizer!r}")
@@ -396,18 +331,17 @@ class GradientEStep(_GradientRefinement):
                 f"{optimizer.__name__}: {error}"
             ) from error
 
-    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
         if state is None:
-            leaves = {name: value.clone() for name, value in params.items()}
+            leaves = {name: value.detach().clone() for name, value in params.items()}
             state = leaves, self.optimizer(list(leaves.values()), lr=self.lr, **self.optimizer_options)
         leaves, optimizer = state
-        for name, leaf in leaves.items():
-            leaf.grad = -grads[name]
-        optimizer.step()
         with torch.no_grad():
-            for name, value in self.family.constrain(leaves).items():
-                leaves[name].copy_(value)
-        return dict(leaves), state
+            for name, leaf in leaves.items():
+                leaf.copy_(params[name])  # λ_t as constrained (and kept on unhealthy rows) by the engine
+                leaf.grad = -grads[name].detach()
+        optimizer.step()
+        return {name: leaf.clone() for name, leaf in leaves.items()}, state
 
     def extra_repr(self) -> str:
         return f"optimizer={self.optimizer.__name__}, lr={self.lr}, {super().extra_repr()}"
@@ -433,13 +367,14 @@ class SemiAmortized(_GradientRefinement):
         max_grad_norm: clip each example's λ-gradient to this norm (None: no clipping).
         backprop_through_steps: train the encoder through the steps (see above).
         init: the encoder: ``"encoder"`` (``model.encode``, default), ``"highway"`` (a built
-            :class:`HighwayEncoder`), or a callable x → (loc, log_var).
+            :class:`~learned_inference.networks.HighwayEncoder`), or a callable x → (loc, log_var).
         family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
             :class:`~learned_inference.families.Family`.
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         hidden_size: units per layer of a built highway encoder.
         num_layers: hidden layers of a built highway encoder.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"`` for examples whose ELBO or λ-gradient is not finite.
 
     Example:
         >>> import torch
@@ -468,11 +403,12 @@ class SemiAmortized(_GradientRefinement):
         analytic_kl: bool = True,
         hidden_size: int = 512,
         num_layers: int = 2,
+        on_nonfinite: str = "warn",
     ) -> None:
         super().__init__(
             model, latent_dim=latent_dim, num_steps=num_steps, init=init, allow_prior=False, family=family,
             num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=max_grad_norm,
-            hidden_size=hidden_size, num_layers=num_layers,
+            hidden_size=hidden_size, num_layers=num_layers, on_nonfinite=on_nonfinite,
         )
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
@@ -481,9 +417,8 @@ class SemiAmortized(_GradientRefinement):
         self.lr, self.momentum = float(lr), float(momentum)
         self.backprop_through_steps = bool(backprop_through_steps)
 
-    def _step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
-        params, velocity = momentum_ascent_step(params, grads, state, lr=self.lr, momentum=self.momentum)
-        return self.family.constrain(params), velocity
+    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
+        return momentum_ascent_step(params, grads, state, lr=self.lr, momentum=self.momentum)
 
     def extra_repr(self) -> str:
         return (

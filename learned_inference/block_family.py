@@ -6,9 +6,10 @@ family to its block of columns: samples and constrained parameters are concatena
 
     H[q] = Σ_v H[q_v],     KL(q || p) = Σ_v KL(q_v || p_v),
 
-and the posterior is one ``Distribution`` per variable (:meth:`BlockFamily.distributions`). The families must
-share their parameter names (e.g. Gaussians with different ``log_var_bounds`` per level), so that λ keeps one
-tensor per parameter.
+and the posterior is one ``Distribution`` per variable (:meth:`BlockFamily.distributions`), or over the
+concatenated z (:meth:`BlockFamily.distribution`, a :class:`BlockDistribution`: log q(z) = Σ_v log q_v(z_v)). The
+families must share their parameter names (e.g. Gaussians with different ``log_var_bounds`` per level), so that
+λ keeps one tensor per parameter. Every method builds a ``BlockFamily`` when ``latent_dim`` is a dict.
 
 Example:
     >>> import torch
@@ -19,6 +20,9 @@ Example:
     >>> params = family.initial_params(4, 5, dtype=torch.float32, device=None)
     >>> family.constrain({"loc": params["loc"], "log_var": torch.full((4, 5), -9.0)})["log_var"][0]
     tensor([-9., -9., -9., -4., -4.])
+    >>> q = family.distribution(params)
+    >>> q.batch_shape, q.event_shape, q.log_prob(q.rsample()).shape
+    (torch.Size([4]), torch.Size([5]), torch.Size([4]))
 """
 
 from __future__ import annotations
@@ -27,12 +31,56 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, constraints
 
 from learned_inference.families import Family, Params, make_family
 from learned_inference.model import LatentSpace
 
-__all__ = ["BlockFamily"]
+__all__ = ["BlockDistribution", "BlockFamily"]
+
+
+class BlockDistribution(Distribution):
+    """The product of one distribution per latent variable, over the concatenated z ``[..., B, D_total]``.
+
+    log q(z) = Σ_v log q_v(z_v),  H[q] = Σ_v H[q_v]; samples, means and variances are concatenated.
+
+    Args:
+        parts: a distribution with batch shape ``[B]`` and event shape ``[D_v]`` per variable, in layout order.
+        space: the latent layout.
+    """
+
+    arg_constraints: dict = {}  # noqa: RUF012
+    support = constraints.real_vector
+
+    def __init__(self, parts: Mapping[str, Distribution], *, space: LatentSpace) -> None:
+        self.parts, self.space = dict(parts), space
+        first = next(iter(self.parts.values()))
+        super().__init__(first.batch_shape, torch.Size([space.total_dim]), validate_args=False)
+
+    @property
+    def has_rsample(self) -> bool:  # type: ignore[override]
+        return all(part.has_rsample for part in self.parts.values())
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+        return torch.cat([part.rsample(sample_shape) for part in self.parts.values()], -1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+        return torch.cat([part.sample(sample_shape) for part in self.parts.values()], -1)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        pieces = self.space.split(value)
+        return sum(part.log_prob(pieces[v]) for v, part in self.parts.items())  # type: ignore[index, return-value]
+
+    def entropy(self) -> Tensor:
+        return sum(part.entropy() for part in self.parts.values())  # type: ignore[return-value]
+
+    @property
+    def mean(self) -> Tensor:
+        return torch.cat([part.mean for part in self.parts.values()], -1)
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.cat([part.variance for part in self.parts.values()], -1)
 
 
 class BlockFamily(Family):
@@ -88,7 +136,7 @@ class BlockFamily(Family):
         return self._concat({v: f.constrain(blocks[v]) for v, f in self.families.items()})
 
     def distribution(self, params: Params) -> Distribution:
-        raise TypeError("a BlockFamily's posterior is one distribution per latent variable: use distributions()")
+        return BlockDistribution(self.distributions(params), space=self.space)
 
     def distributions(self, params: Params) -> dict[str, Distribution]:
         """The posterior of every variable from the flat λ, keyed by name."""

@@ -33,9 +33,10 @@ from learned_inference.data import (
     load_fashion_mnist,
     load_mnist,
 )
-from learned_inference.demo import run_demo, train_method
+from learned_inference.demo import run_demo
 from learned_inference.model import DecoderModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
+from learned_inference.training import fit
 from learned_inference.zoo import highway_decoder
 
 __all__ = ["build_parser", "load_named_data", "main"]
@@ -84,12 +85,11 @@ def _train(args: argparse.Namespace) -> int:
         start = load_checkpoint(checkpoint, model=model, inference=inference, optim=optim)["step"]
         print(f"resumed from {checkpoint} at epoch {start}")
     for epoch in range(start, args.epochs):
-        curves = train_method(inference, optim, data.train, epochs=1, batch_size=args.batch_size,
-                              seed=args.seed + epoch, progress=not args.quiet, label=f"epoch {epoch + 1}",
-                              transform=transform)
+        history = fit(inference, data.train, epochs=1, optimizer=optim, batch_size=args.batch_size,
+                      seed=args.seed + epoch, progress=not args.quiet, label=f"epoch {epoch + 1}", transform=transform)
         save_checkpoint(checkpoint, step=epoch + 1, model=model, inference=inference, optim=optim)
-        print(f"epoch {epoch + 1}/{args.epochs}: train ELBO {curves['train_elbo'][0]:.3f} "
-              f"({curves['seconds'][0]:.1f} s), checkpoint {checkpoint}")
+        print(f"epoch {epoch + 1}/{args.epochs}: train ELBO {history.train_elbo[0]:.3f} "
+              f"({history.seconds[0]:.1f} s), checkpoint {checkpoint}")
     return 0
 
 

@@ -195,10 +195,11 @@ class CountMatrix:
 def load_20news(path: str | os.PathLike[str] | None = None) -> tuple[CountMatrix, CountMatrix]:
     """20 Newsgroups bag-of-words (11,258 train / 7,487 test documents, 1,995 columns) as count matrices."""
     with np.load(find_data_file("20news_bow.npz", path), allow_pickle=False) as data:
-        return tuple(  # type: ignore[return-value]
+        train, test = (
             CountMatrix(data[f"{s}_data"], data[f"{s}_indices"], data[f"{s}_indptr"], tuple(data[f"{s}_shape"]))
             for s in ("train", "test")
         )
+        return train, test
 
 
 def iterate_batches(

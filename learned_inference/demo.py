@@ -21,57 +21,23 @@ from __future__ import annotations
 import json
 import math
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from learned_inference.baselines import GradientEStep, StandardEncoder
-from learned_inference.data import Splits, iterate_batches
+from learned_inference.data import Splits
 from learned_inference.evaluation import elbo_estimate, importance_weighted_log_marginal
 from learned_inference.inference import InferenceMethod
 from learned_inference.model import DecoderModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
+from learned_inference.training import fit
 from learned_inference.zoo import bernoulli_vae, highway_decoder
 
-__all__ = ["run_demo", "train_method"]
-
-
-def train_method(
-    method: InferenceMethod,
-    optim: torch.optim.Optimizer,
-    data: Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    progress: bool,
-    label: str,
-    transform: Callable[..., Tensor] | None = None,
-) -> dict[str, list[float]]:
-    """Trains ``method`` (and the model behind it) with ``optim`` on ``forward(x).loss``; returns learning curves
-    (train ELBO at the final step and seconds, per epoch). ``transform(x, generator=...)`` is applied to every
-    batch (e.g. dynamic binarization)."""
-    generator = torch.Generator().manual_seed(seed)
-    curves: dict[str, list[float]] = {"train_elbo": [], "seconds": []}
-    for _ in tqdm(range(epochs), desc=f"training {label}", disable=not progress):
-        start, total, count = time.perf_counter(), 0.0, 0
-        for x in iterate_batches(data, batch_size, generator=generator):
-            if transform is not None:
-                x = transform(x, generator=generator)
-            optim.zero_grad()
-            result = method(x)
-            result.loss.backward()
-            optim.step()
-            total += result.elbo[-1].sum().item()
-            count += len(x)
-        curves["train_elbo"].append(total / count)
-        curves["seconds"].append(time.perf_counter() - start)
-    return curves
+__all__ = ["run_demo"]
 
 
 def _evaluate(model: DecoderModel, method: InferenceMethod, x: Tensor, *, num_steps: int, samples: int) -> dict:
@@ -229,25 +195,21 @@ def run_demo(
                                    likelihood="bernoulli", latent_dim=latent_dim)
     iterative = IterativeInferenceOptimizer(iterative_model, latent_dim=latent_dim, num_steps=num_steps,
                                             hidden_size=hidden_size)
-    runs = {
-        "standard": (standard_model, standard, list(standard_model.parameters())),
-        "iterative": (iterative_model, iterative, [*iterative_model.parameters(), *iterative.parameters()]),
-    }
+    runs = {"standard": (standard_model, standard), "iterative": (iterative_model, iterative)}
     summary: dict[str, Any] = {
         "data": data_name, "num_train": len(data.train), "num_test": len(data.test), "epochs": epochs, "lr": lr,
         "seed": seed, "eval_samples": eval_samples, "command": command, "models": {}, "learning_curves": {},
         "machine": f"{platform.platform()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
     }
-    for name, (model, method, parameters) in runs.items():
-        optim = torch.optim.Adam(parameters, lr=lr)
-        curves = train_method(method, optim, data.train, epochs=epochs, batch_size=batch_size, seed=seed,
-                              progress=progress, label=name, transform=transform)
+    for name, (model, method) in runs.items():
+        history = fit(method, data.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                      label=name, transform=transform)  # Adam over the model's and the method's parameters
         steps = num_steps if name == "iterative" else 0
         torch.manual_seed(seed + 1)
         metrics = _evaluate(model, method, data.test, num_steps=steps, samples=eval_samples)
-        metrics.update(seconds_per_epoch=sum(curves["seconds"]) / epochs, inference_steps=steps)
+        metrics.update(seconds_per_epoch=sum(history.seconds) / epochs, inference_steps=steps)
         summary["models"][name] = metrics
-        summary["learning_curves"][name] = curves
+        summary["learning_curves"][name] = {"train_elbo": history.train_elbo, "seconds": history.seconds}
     models = summary["models"]
     summary["elbo_gain"] = models["iterative"]["test_elbo"] - models["standard"]["test_elbo"]
     summary["nll_gain"] = models["standard"]["test_nll"] - models["iterative"]["test_nll"]

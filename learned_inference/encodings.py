@@ -1,37 +1,39 @@
 """What the update network sees: small, composable encodings of the current inference state.
 
-Each encoding maps an :class:`EncodingInputs` (the λ-gradient, λ itself, the data and, when asked for, the
-errors) to a ``[B, F]`` feature tensor; :class:`Concat` joins several, in the spirit of ``optax.chain``.
+Each encoding maps a :class:`~learned_inference.context.StepContext` (the λ-gradient, λ itself, the data, and
+the errors it computes on demand) to a ``[B, F]`` feature tensor, and says how many features it gives
+(:meth:`Encoding.num_features`, so update networks can be sized before the first call); :class:`Concat` joins
+several, in the spirit of ``optax.chain``.
 Names accepted by :func:`make_encoding`: ``"gradient"`` (log/sign, paper App. B.1), ``"standardized_gradient"``,
 ``"data"``, ``"params"``, ``"errors"`` (paper Sec. 4.1), ``"hierarchical_errors"`` (bottom-up and top-down
 precision-weighted errors per level, paper Sec. 4.3, eqs. 60-61). The default, gradient + data + params, is the paper's
 best configuration.
 
 Example:
-    >>> import torch
     >>> enc = make_encoding(("gradient", "params"))
-    >>> g = {"loc": torch.randn(4, 3), "log_var": torch.randn(4, 3)}
-    >>> enc(EncodingInputs(grads=g, params=g, x=torch.zeros(4, 7))).shape
-    torch.Size([4, 18])
+    >>> enc.num_features(FeatureShapes(data=7, params={"loc": 3, "log_var": 3}, levels={"x": 7, "z": 3}))
+    18
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from learned_inference.families import Params
+from learned_inference.context import StepContext
+from learned_inference.hierarchical import OBSERVED, check_hierarchical_model
+from learned_inference.model import LatentModel, LatentSpace
 
 __all__ = [
     "DEFAULT_ENCODING",
     "Concat",
     "Data",
     "Encoding",
-    "EncodingInputs",
     "Errors",
+    "FeatureShapes",
     "HierarchicalErrors",
     "LogSignGradient",
     "PosteriorParams",
@@ -45,26 +47,28 @@ DEFAULT_ENCODING = ("gradient", "data", "params")
 
 
 @dataclass(frozen=True)
-class EncodingInputs:
-    """Everything an encoding may look at, for one refinement step.
+class FeatureShapes:
+    """The sizes an encoding's feature count depends on (one view: all of λ, or one latent variable's block).
 
     Attributes:
-        grads: ∇_λ L, a dict of ``[B, D]`` tensors keyed like ``params``.
-        params: the current λ.
-        x: the data, ``[B, *event]``.
-        errors: ``(εx, εz)`` = (x − E[x | z], z − μ_p) averaged over samples, when the encoding needs them.
-        level_errors: the precision-weighted error of every level, bottom-up (``{"x": ..., "z1": ..., ...}``,
-            see :func:`~learned_inference.hierarchical.precision_weighted_errors`), when the encoding needs them.
-        variable: the latent variable that ``grads`` and ``params`` are restricted to (one update network per
-            variable), or None when they cover all of λ.
+        data: the number of data features, prod(event).
+        params: the size of each of λ's parameters in this view (``{"loc": D, "log_var": D}``).
+        levels: the size of every level of the model, bottom-up, the data first (``{"x": F, "z1": D1, …}``).
+        variable: the latent variable of this view, or None for all of λ.
     """
 
-    grads: Params
-    params: Params
-    x: Tensor
-    errors: tuple[Tensor, Tensor] | None = None
-    level_errors: dict[str, Tensor] | None = None
+    data: int
+    params: Mapping[str, int]
+    levels: Mapping[str, int]
     variable: str | None = None
+
+    @classmethod
+    def of(cls, *, data: int, param_names: Sequence[str], space: LatentSpace, variable: str | None = None
+           ) -> FeatureShapes:
+        """The shapes of a view of λ over ``space`` (restricted to ``variable`` when given)."""
+        size = space.total_dim if variable is None else space.sizes[variable]
+        levels = {OBSERVED: data, **space.sizes} if space.names is not None else {OBSERVED: data, "z": size}
+        return cls(data=data, params=dict.fromkeys(param_names, size), levels=levels, variable=variable)
 
 
 def log_sign_encode(g: Tensor, *, alpha: float, eps: float) -> Tensor:
@@ -83,14 +87,17 @@ def standardize(g: Tensor, *, eps: float) -> Tensor:
 
 
 class Encoding:
-    """Base class: ``__call__(inputs) -> [B, F]``; ``needs_errors`` / ``needs_level_errors`` say whether
-    ``inputs.errors`` / ``inputs.level_errors`` are used."""
+    """Base class: ``__call__(context) -> [B, F]`` with F = ``num_features(shapes)``."""
 
-    needs_errors: bool = False
-    needs_level_errors: bool = False
-
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
+    def __call__(self, context: StepContext) -> Tensor:
         raise NotImplementedError
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        """The feature count F for a view of these shapes."""
+        raise NotImplementedError
+
+    def check(self, model: LatentModel, space: LatentSpace) -> None:
+        """Raises a ``ValueError`` naming what is missing if ``model`` cannot provide this encoding's inputs."""
 
 
 class LogSignGradient(Encoding):
@@ -106,8 +113,11 @@ class LogSignGradient(Encoding):
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.alpha, self.eps = alpha, eps
 
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        return torch.cat([log_sign_encode(g, alpha=self.alpha, eps=self.eps) for g in inputs.grads.values()], -1)
+    def __call__(self, context: StepContext) -> Tensor:
+        return torch.cat([log_sign_encode(g, alpha=self.alpha, eps=self.eps) for g in context.grads.values()], -1)
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        return 2 * sum(shapes.params.values())
 
     def __repr__(self) -> str:
         return f"LogSignGradient(alpha={self.alpha}, eps={self.eps})"
@@ -123,8 +133,11 @@ class StandardizedGradient(Encoding):
     def __init__(self, *, eps: float = 1e-5) -> None:
         self.eps = eps
 
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        return torch.cat([standardize(g, eps=self.eps) for g in inputs.grads.values()], -1)
+    def __call__(self, context: StepContext) -> Tensor:
+        return torch.cat([standardize(g, eps=self.eps) for g in context.grads.values()], -1)
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        return sum(shapes.params.values())
 
     def __repr__(self) -> str:
         return f"StandardizedGradient(eps={self.eps})"
@@ -143,9 +156,12 @@ class Data(Encoding):
     def __init__(self, *, log1p: bool = False) -> None:
         self.log1p = log1p
 
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        x = inputs.x.flatten(1)
+    def __call__(self, context: StepContext) -> Tensor:
+        x = context.x.flatten(1)
         return torch.log1p(x) if self.log1p else x
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        return shapes.data
 
     def __repr__(self) -> str:
         return f"Data(log1p={self.log1p})"
@@ -154,8 +170,11 @@ class Data(Encoding):
 class PosteriorParams(Encoding):
     """The current λ (e.g. μ and log σ²), concatenated."""
 
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        return torch.cat(list(inputs.params.values()), -1)
+    def __call__(self, context: StepContext) -> Tensor:
+        return torch.cat(list(context.params.values()), -1)
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        return sum(shapes.params.values())
 
     def __repr__(self) -> str:
         return "PosteriorParams()"
@@ -167,13 +186,20 @@ class Errors(Encoding):
     Needs a model with ``likelihood_mean(z)`` and ``prior()``.
     """
 
-    needs_errors = True
-
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        if inputs.errors is None:
-            raise ValueError("the errors encoding needs EncodingInputs.errors = (εx, εz)")
-        error_x, error_z = inputs.errors
+    def __call__(self, context: StepContext) -> Tensor:
+        error_x, error_z = context.observation_errors
         return torch.cat([error_x.flatten(1), error_z], -1)
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        return shapes.data + next(iter(shapes.params.values()))
+
+    def check(self, model: LatentModel, space: LatentSpace) -> None:
+        for method in ("likelihood_mean", "prior"):
+            if not callable(getattr(model, method, None)):
+                raise ValueError(
+                    f"the 'errors' encoding needs model.{method}(); {type(model).__name__} has none "
+                    "(DecoderModel and VAEModel provide it), or use encoding=('gradient', 'data', 'params')"
+                )
 
     def __repr__(self) -> str:
         return "Errors()"
@@ -183,7 +209,7 @@ class HierarchicalErrors(Encoding):
     """Bottom-up and top-down precision-weighted errors of a hierarchical model (paper Sec. 4.3, eqs. 60-61).
 
     With ε_ℓ = E_q[(v_ℓ − μ_ℓ,p) / σ²_ℓ,p] (level 0 is x), the gradient for level ℓ's posterior is built from the
-    bottom-up error ε_ℓ−1 and the top-down error ε_ℓ. For one latent variable ℓ (``inputs.variable``, one update
+    bottom-up error ε_ℓ−1 and the top-down error ε_ℓ. For one latent variable ℓ (``context.variable``, one update
     network per variable) the features are [ε_ℓ−1, ε_ℓ]; for all of λ they are [ε_x, ε_1, …, ε_L]. Needs a model
     with ``conditionals(z)`` (see :mod:`learned_inference.hierarchical`).
 
@@ -197,33 +223,37 @@ class HierarchicalErrors(Encoding):
         eps: the stabiliser inside the log.
 
     Example:
-        >>> import torch
-        >>> errors = {"x": torch.ones(2, 5), "z1": torch.ones(2, 3), "z2": torch.ones(2, 1)}
-        >>> inputs = EncodingInputs(grads={}, params={}, x=torch.ones(2, 5), level_errors=errors, variable="z2")
-        >>> HierarchicalErrors(log_sign=False)(inputs).shape
-        torch.Size([2, 4])
+        >>> shapes = FeatureShapes(data=5, params={"loc": 1}, levels={"x": 5, "z1": 3, "z2": 1}, variable="z2")
+        >>> HierarchicalErrors().num_features(shapes)      # [ε_1, ε_2] for the view of z2
+        4
     """
-
-    needs_level_errors = True
 
     def __init__(self, *, log_sign: bool = True, alpha: float = 0.1, eps: float = 1e-8) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.log_sign, self.alpha, self.eps = log_sign, alpha, eps
 
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        errors = inputs.level_errors
-        if errors is None:
-            raise ValueError("the hierarchical_errors encoding needs EncodingInputs.level_errors")
-        levels = list(errors)
-        if inputs.variable is not None:
-            if inputs.variable not in levels[1:]:
-                raise ValueError(f"EncodingInputs.variable must be one of the latent levels {levels[1:]}, got "
-                                 f"{inputs.variable!r}")
-            index = levels.index(inputs.variable)
-            levels = levels[index - 1:index + 1]
-        features = torch.cat([errors[level] for level in levels], -1)
+    def __call__(self, context: StepContext) -> Tensor:
+        errors = context.level_errors
+        features = torch.cat([errors[level] for level in self._levels(list(errors), context.variable)], -1)
         return log_sign_encode(features, alpha=self.alpha, eps=self.eps) if self.log_sign else features
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        size = sum(shapes.levels[level] for level in self._levels(list(shapes.levels), shapes.variable))
+        return 2 * size if self.log_sign else size
+
+    def check(self, model: LatentModel, space: LatentSpace) -> None:
+        check_hierarchical_model(model, space)
+
+    @staticmethod
+    def _levels(levels: list[str], variable: str | None) -> list[str]:
+        """All levels, or for one variable's view the level below it and its own."""
+        if variable is None:
+            return levels
+        if variable not in levels[1:]:
+            raise ValueError(f"the view's variable must be one of the latent levels {levels[1:]}, got {variable!r}")
+        index = levels.index(variable)
+        return levels[index - 1:index + 1]
 
     def __repr__(self) -> str:
         return f"HierarchicalErrors(log_sign={self.log_sign}, alpha={self.alpha}, eps={self.eps})"
@@ -236,11 +266,16 @@ class Concat(Encoding):
         if not encodings:
             raise ValueError("Concat needs at least one encoding")
         self.encodings = encodings
-        self.needs_errors = any(e.needs_errors for e in encodings)
-        self.needs_level_errors = any(e.needs_level_errors for e in encodings)
 
-    def __call__(self, inputs: EncodingInputs) -> Tensor:
-        return torch.cat([e(inputs) for e in self.encodings], -1)
+    def __call__(self, context: StepContext) -> Tensor:
+        return torch.cat([e(context) for e in self.encodings], -1)
+
+    def num_features(self, shapes: FeatureShapes) -> int:
+        return sum(e.num_features(shapes) for e in self.encodings)
+
+    def check(self, model: LatentModel, space: LatentSpace) -> None:
+        for encoding in self.encodings:
+            encoding.check(model, space)
 
     def __repr__(self) -> str:
         return f"Concat({', '.join(map(repr, self.encodings))})"

@@ -20,9 +20,14 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, constraints
 
-__all__ = ["Delta", "DiagonalGaussian", "Dirac", "Family", "make_family", "normal_prior_moments"]
+__all__ = ["Delta", "DiagonalGaussian", "Dirac", "Family", "detach", "make_family", "normal_prior_moments"]
 
 Params = dict[str, Tensor]
+
+
+def detach(params: Params) -> Params:
+    """λ with every tensor detached from the graph."""
+    return {name: value.detach() for name, value in params.items()}
 
 
 def normal_prior_moments(prior: Distribution) -> tuple[Tensor, Tensor] | None:

@@ -7,7 +7,7 @@ A strict hierarchy z_L → … → z_2 → z_1 → x (paper Sec. 4.3, App. A.6) 
 
 the mean and variance of every level given the level above it (the top level's prior), evaluated at the
 samples z (a dict of ``[..., B, D_ℓ]`` tensors; the entries have the same leading shape). From them
-:func:`precision_weighted_errors` computes, for every level ℓ (x counts as level 0),
+:func:`~learned_inference.errors.precision_weighted_errors` computes, for every level ℓ (x counts as level 0),
 
     ε_ℓ = E_q[(v_ℓ − μ_ℓ,p) / σ²_ℓ,p],      v_0 = x,  v_ℓ = z_ℓ = μ_ℓ,q + σ_ℓ,q ⊙ ε  (ℓ ≥ 1),
 
@@ -25,6 +25,7 @@ Example:
     >>> gen = torch.Generator().manual_seed(0)
     >>> model = LinearGaussianHierarchy.random(data_dim=6, latent_dims=(3, 2), generator=gen)
     >>> z = {"z1": torch.zeros(4, 5, 3), "z2": torch.zeros(4, 5, 2)}
+    >>> from learned_inference.errors import precision_weighted_errors
     >>> errors = precision_weighted_errors(model, torch.zeros(5, 6), z)
     >>> {level: tuple(error.shape) for level, error in errors.items()}
     {'x': (5, 6), 'z1': (5, 3), 'z2': (5, 2)}
@@ -32,14 +33,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
 from learned_inference.model import LatentSpace
 
-__all__ = ["OBSERVED", "HierarchicalModel", "check_hierarchical_model", "precision_weighted_errors"]
+__all__ = ["OBSERVED", "HierarchicalModel", "check_hierarchical_model"]
 
 #: the key of the observed level in ``conditionals(z)`` and in the errors
 OBSERVED = "x"
@@ -68,28 +68,3 @@ def check_hierarchical_model(model: object, space: LatentSpace) -> None:
                          "(e.g. {'z1': 64, 'z2': 32})")
     if OBSERVED in space.names:
         raise ValueError(f"latent_dim must not name a latent variable {OBSERVED!r}: that key is the observed level")
-
-
-def precision_weighted_errors(model: HierarchicalModel, x: Tensor, z: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """ε_ℓ = mean over samples of (v_ℓ − μ_ℓ,p) / σ²_ℓ,p for every level, bottom-up (x first, then ``z``'s order).
-
-    Args:
-        model: has ``conditionals(z)`` (see the module docstring).
-        x: the data, ``[B, *event]``.
-        z: samples, a dict of ``[S, B, D_ℓ]`` tensors in bottom-up order.
-
-    Returns:
-        ``{"x": [B, prod(event)], name: [B, D_ℓ] for name in z}`` (x flattened).
-    """
-    moments = model.conditionals(dict(z))
-    missing = [level for level in (OBSERVED, *z) if level not in moments]
-    if missing:
-        raise ValueError(f"model.conditionals(z) must return (mean, variance) for levels {[OBSERVED, *z]}; "
-                         f"missing {missing}")
-    values = {OBSERVED: x, **z}
-    errors = {}
-    for level, value in values.items():
-        mean, variance = moments[level]
-        errors[level] = ((value - mean) / variance).mean(0)
-    errors[OBSERVED] = errors[OBSERVED].flatten(1)
-    return errors

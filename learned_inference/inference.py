@@ -3,8 +3,10 @@
 :class:`InferenceMethod` holds what the learned optimizer and the baselines have in common: the user's model (a
 plain reference, not a submodule), the latent layout, the posterior family, input validation, the conversion
 between the public form of λ (per latent variable) and the flat form inference works on, and the
-reparameterization noise. Subclasses implement ``_run``. All return an :class:`InferenceResult`, so a benchmark
-swaps methods with one argument.
+reparameterization noise. A subclass supplies the method itself: ``init(x)`` (λ_0), a pure
+``step(context, state)`` and its :class:`~learned_inference.engine.Training`; the loop over steps is the engine's
+(:func:`~learned_inference.engine.refine`). All return an :class:`InferenceResult`, so a benchmark swaps methods
+with one argument.
 
 Example:
     >>> import torch
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +30,15 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from learned_inference.families import Family, Params, make_family
+from learned_inference.block_family import BlockFamily
+from learned_inference.context import StepContext
+from learned_inference.engine import ON_NONFINITE, Training, Trajectory, refine
+from learned_inference.families import Family, Params, detach, make_family
 from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
-from learned_inference.objectives import sample_noise
+from learned_inference.objectives import Objective, prior_moments, sample_noise
+from learned_inference.validation import check_data, check_int, check_placement
 
-__all__ = ["InferenceMethod", "InferenceResult", "check_int", "detach"]
+__all__ = ["InferenceMethod", "InferenceResult"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class InferenceResult:
         elbo: ``[num_steps + 1, B]`` per-example ELBO estimates at λ_0 (the initial estimate), ..., λ_T.
         loss: a scalar whose ``backward()`` trains (each method documents its gradient).
         grad_norm: ``[num_steps + 1, B]`` per-example norms of ∇_λ L at every step.
+        healthy: ``[num_steps + 1, B]``, whether each example's ELBO and gradient were finite at each step.
+        trajectory: λ_0, …, λ_T in the form of ``params`` when ``infer(..., record_params=True)``, else None.
     """
 
     params: dict[str, Any]
@@ -53,18 +62,8 @@ class InferenceResult:
     elbo: Tensor
     loss: Tensor
     grad_norm: Tensor
-
-
-def check_int(name: str, value: object, *, minimum: int) -> int:
-    """Returns ``value`` if it is an int >= ``minimum``, else raises a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def detach(params: Params) -> Params:
-    """λ with every tensor detached from the graph."""
-    return {name: value.detach() for name, value in params.items()}
+    healthy: Tensor
+    trajectory: list[dict[str, Any]] | None = None
 
 
 class InferenceMethod(nn.Module):
@@ -74,9 +73,13 @@ class InferenceMethod(nn.Module):
         model: anything with ``log_joint(x, z)`` (see :mod:`learned_inference.model`).
         latent_dim: the size of z, or a dict of sizes for several latent variables.
         num_steps: steps T used by :meth:`forward` (and by :meth:`infer` unless overridden).
-        family: ``"diagonal_gaussian"``, ``"delta"``, or a :class:`~learned_inference.families.Family`.
+        family: ``"diagonal_gaussian"``, ``"delta"``, a :class:`~learned_inference.families.Family`, or for several
+            latent variables a dict of them, one per variable (a :class:`~learned_inference.block_family.BlockFamily`).
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
+        on_nonfinite: when some examples' ELBO or λ-gradient is not finite (e.g. an overflowing decoder):
+            ``"warn"`` (those examples keep their λ and are left out of the loss, the others are unaffected, and a
+            ``RuntimeWarning`` names them) or ``"raise"`` (``FloatingPointError``).
     """
 
     def __init__(
@@ -85,9 +88,10 @@ class InferenceMethod(nn.Module):
         *,
         latent_dim: int | dict[str, int],
         num_steps: int,
-        family: str | Family,
+        family: str | Family | Mapping[str, str | Family],
         num_samples: int,
         analytic_kl: bool,
+        on_nonfinite: str = "warn",
     ) -> None:
         super().__init__()
         check_model(model)
@@ -96,17 +100,45 @@ class InferenceMethod(nn.Module):
         self.space = LatentSpace(latent_dim)
         self.num_steps = check_int("num_steps", num_steps, minimum=0)
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
-        self.family = make_family(family)
+        self.family = self._make_family(family)
         self.analytic_kl = analytic_kl
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         self._model_checked = False
+
+    def _make_family(self, family: str | Family | Mapping[str, str | Family]) -> Family:
+        """One representation of several latent variables: a :class:`BlockFamily` (one family per variable)."""
+        names = self.space.names
+        if isinstance(family, Mapping):
+            return BlockFamily(family, space=self.space)
+        if names is None or isinstance(family, BlockFamily):
+            return make_family(family)
+        return BlockFamily(dict.fromkeys(names, family), space=self.space)
 
     @property
     def model(self) -> LatentModel:
         """The user's model (not a submodule)."""
         return self._model  # type: ignore[no-any-return]
 
+    # -- the method: λ_0, one step, and how it learns ------------------------------------------------------------
+
+    def init(self, x: Tensor) -> Params:
+        """λ_0 for the batch ``x`` (flat: a dict of ``[B, D_total]`` tensors), with its graph to any encoder."""
+        raise NotImplementedError
+
+    def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
+        """λ_{t+1} (before the family's constraints) and the carried state (None at t = 0)."""
+        raise NotImplementedError
+
+    def training_rule(self) -> Training:
+        """How :meth:`forward`'s loss trains this method (:class:`~learned_inference.engine.Training`)."""
+        raise NotImplementedError
+
+    # -- running it -----------------------------------------------------------------------------------------------
+
     def forward(
-        self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
+        self, x: Tensor, *, init_params: dict[str, Any] | None = None, noise: Tensor | None = None
     ) -> InferenceResult:
         """Runs ``num_steps`` steps and returns a result whose ``loss`` trains.
 
@@ -115,7 +147,7 @@ class InferenceMethod(nn.Module):
             init_params: an explicit λ_0 (a dict like ``result.params``) instead of the method's own start.
             noise: the reparameterization noise, as in :meth:`infer`.
         """
-        return self._run(x, self.num_steps, train=torch.is_grad_enabled(), init_params=init_params, noise=noise)
+        return self._refine(x, self.num_steps, train=torch.is_grad_enabled(), init_params=init_params, noise=noise)
 
     @torch.no_grad()
     def infer(
@@ -123,8 +155,9 @@ class InferenceMethod(nn.Module):
         x: Tensor,
         *,
         num_steps: int | None = None,
-        init_params: Params | None = None,
+        init_params: dict[str, Any] | None = None,
         noise: Tensor | None = None,
+        record_params: bool = False,
     ) -> InferenceResult:
         """Test-time inference: any number of steps, no training graph.
 
@@ -134,30 +167,38 @@ class InferenceMethod(nn.Module):
             init_params: an explicit λ_0 (a dict like ``result.params``) instead of the method's own start.
             noise: the reparameterization noise for every step, ``[num_steps + 1, S, B, D]`` (common random
                 numbers for comparisons); drawn from the global generator when omitted.
+            record_params: keep λ at every step in ``result.trajectory``.
         """
         steps = self.num_steps if num_steps is None else check_int("num_steps", num_steps, minimum=0)
-        return self._run(x, steps, train=False, init_params=init_params, noise=noise)
+        return self._refine(x, steps, train=False, init_params=init_params, noise=noise, record_params=record_params)
 
-    def _run(
-        self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
+    def _refine(
+        self, x: Tensor, num_steps: int, *, train: bool, init_params: dict[str, Any] | None, noise: Tensor | None,
+        record_params: bool = False,
     ) -> InferenceResult:
-        raise NotImplementedError
+        self._check_inputs(x, num_steps, noise)
+        prior = prior_moments(self.model, self.space) if self.analytic_kl else None
+        initial = self.init(x) if init_params is None else self._flatten(init_params)
+        trajectory = refine(
+            self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior),
+            num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
+            train=train, on_nonfinite=self.on_nonfinite, record_params=record_params,
+        )
+        return self._result(trajectory)
+
+    def _result(self, trajectory: Trajectory) -> InferenceResult:
+        params, posterior = self._public(trajectory.params)
+        history = trajectory.params_history
+        return InferenceResult(
+            params=params, posterior=posterior, elbo=trajectory.elbo, loss=trajectory.loss,
+            grad_norm=trajectory.grad_norm, healthy=trajectory.healthy,
+            trajectory=None if history is None else [self._public(p)[0] for p in history],
+        )
 
     def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
         """Validates x and noise, and on the first call the shape of ``model.log_joint``'s output."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
-        if x.dim() < 2 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
-            raise ValueError(
-                f"x contains NaN or infinite values in {bad.numel()} example(s) (first: {bad[:5].tolist()}); "
-                "clean or drop them before inference"
-            )
-        self._check_placement(x)
+        check_data(x)
+        check_placement(x, {"the model": self.model, "the inference method": self})
         if noise is not None:
             shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
             if list(noise.shape) != shape:
@@ -165,21 +206,6 @@ class InferenceMethod(nn.Module):
         if not self._model_checked:
             check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
             self._model_checked = True
-
-    def _check_placement(self, x: Tensor) -> None:
-        """x, the model and this method's parameters share device and dtype (nothing is moved silently)."""
-        for owner, module in (("the model", self.model), ("the inference method", self)):
-            parameters = module.parameters() if isinstance(module, nn.Module) else ()
-            first = next((p for p in parameters if p.is_floating_point()), None)
-            if first is None:
-                continue
-            if first.device != x.device:
-                raise ValueError(f"x is on {x.device} but {owner}'s parameters are on {first.device}; move one of "
-                                 f"them (e.g. x.to({str(first.device)!r}))")
-            if first.dtype != x.dtype:
-                what = "model" if owner == "the model" else "inference"
-                raise ValueError(f"x has dtype {x.dtype} but {owner}'s parameters are {first.dtype}; convert one "
-                                 f"of them (e.g. {what}.to({x.dtype}) or x.to({first.dtype}))")
 
     def _flatten(self, params: dict[str, Any]) -> Params:
         """The public form of λ (per variable for several latents) → the flat internal form, validated."""
@@ -193,11 +219,9 @@ class InferenceMethod(nn.Module):
     def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
         """The flat internal λ → (public params, posterior), detached."""
         params = detach(params)
-        if self.space.names is None:
-            return params, self.family.distribution(params)
-        pieces = {p: self.space.split(value) for p, value in params.items()}
-        per_var = {v: {p: pieces[p][v] for p in params} for v in self.space.names}  # type: ignore[index]
-        return per_var, {v: self.family.distribution(per_var[v]) for v in self.space.names}
+        if isinstance(self.family, BlockFamily):
+            return self.family.blocks(params), self.family.distributions(params)
+        return params, self.family.distribution(params)
 
     def _noise(self, noise: Tensor | None, t: int, x: Tensor) -> Tensor:
         """The noise ε of step t, ``[S, B, D]`` (``[1, B, D]`` zeros for point-estimate families)."""

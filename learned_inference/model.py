@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -33,6 +33,7 @@ from learned_inference.likelihoods import Likelihood, make_likelihood
 
 __all__ = [
     "DecoderModel",
+    "EncoderDecoder",
     "LatentModel",
     "LatentSpace",
     "Latents",
@@ -46,9 +47,22 @@ Latents = Tensor | dict[str, Tensor]
 
 @runtime_checkable
 class LatentModel(Protocol):
-    """Anything with ``log_joint(x, z)`` returning one log p(x, z) per example."""
+    """Anything with ``log_joint(x, z)`` returning one log p(x, z) per example.
 
-    def log_joint(self, x: Tensor, z: Latents) -> Tensor: ...
+    ``z`` is a tensor for a single latent variable and a dict of tensors (:data:`Latents`) for several; which one
+    is set by ``latent_dim`` at run time, so ``z`` is typed ``Any`` here: a model typed ``z: Tensor``,
+    ``z: dict[str, Tensor]`` or ``z: Latents`` is a ``LatentModel`` alike.
+    """
+
+    def log_joint(self, x: Tensor, z: Any) -> Tensor: ...
+
+
+class EncoderDecoder(Protocol):
+    """A VAE as :class:`VAEModel` takes it: ``encode(x)`` and ``decode(z)`` methods (usually an ``nn.Module``)."""
+
+    def encode(self, x: Tensor, /) -> Any: ...
+
+    def decode(self, z: Tensor, /) -> Tensor: ...
 
 
 class LatentSpace:
@@ -103,7 +117,7 @@ class LatentSpace:
         return f"LatentSpace({self.sizes if self.names is not None else self.total_dim})"
 
 
-def _flatten_leading(decoder: nn.Module | Any, z: Tensor) -> Tensor:
+def _flatten_leading(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     """Runs ``decoder`` on ``[..., D]`` as one ``[N, D]`` batch, restoring the leading dimensions after."""
     leading = z.shape[:-1]
     out = decoder(z.reshape(-1, z.shape[-1]))
@@ -134,7 +148,7 @@ class DecoderModel(nn.Module):
 
     def __init__(
         self,
-        decoder: nn.Module,
+        decoder: Callable[[Tensor], Tensor],
         *,
         likelihood: str | Likelihood = "bernoulli",
         latent_dim: int,
@@ -217,7 +231,8 @@ class VAEModel(nn.Module):
     """
 
     def __init__(
-        self, vae: nn.Module, *, likelihood: str | Likelihood = "bernoulli", latent_dim: int, **likelihood_options: Any
+        self, vae: EncoderDecoder, *, likelihood: str | Likelihood = "bernoulli", latent_dim: int,
+        **likelihood_options: Any,
     ) -> None:
         super().__init__()
         for method in ("encode", "decode"):

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ from torch.func import grad_and_value
 from learned_inference.families import Family, Params, normal_prior_moments
 from learned_inference.model import LatentModel, LatentSpace
 
-__all__ = ["PriorMoments", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]
+__all__ = ["Objective", "PriorMoments", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]
 
 PriorMoments = tuple[Tensor, Tensor]
 
@@ -129,3 +130,31 @@ def elbo_and_grad(
 
     grads, (_, values) = grad_and_value(summed, has_aux=True)(params)
     return values, grads
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The ELBO that refinement ascends: a model, a posterior family over its latent layout, and how to estimate it.
+
+    A thin holder of the arguments :func:`elbo` and :func:`elbo_and_grad` share, built once per run (the model's
+    prior may be trainable, so its moments are read each time).
+
+    Attributes:
+        model: the user's model (``log_joint(x, z)``).
+        family: the posterior family of λ.
+        space: the latent layout.
+        prior: the prior's moments for the analytic KL, or None for E[log p(x, z)] + H[q].
+    """
+
+    model: LatentModel
+    family: Family
+    space: LatentSpace
+    prior: PriorMoments | None = None
+
+    def elbo(self, params: Params, x: Tensor, noise: Tensor) -> Tensor:
+        """Per-example ELBO ``[B]`` (:func:`elbo`)."""
+        return elbo(self.model, self.family, params, x, noise, space=self.space, prior=self.prior)
+
+    def elbo_and_grad(self, params: Params, x: Tensor, noise: Tensor) -> tuple[Tensor, Params]:
+        """Per-example ELBO ``[B]`` and ∇_λ L (:func:`elbo_and_grad`)."""
+        return elbo_and_grad(self.model, self.family, params, x, noise, space=self.space, prior=self.prior)

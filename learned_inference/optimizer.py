@@ -1,124 +1,99 @@
 """``IterativeInferenceOptimizer``: a learned optimizer for the approximate posteriors of any latent model.
 
-At every step t the optimizer evaluates the ELBO and its gradient ∇_λ L_t at the current posterior parameters λ_t
-(``torch.func``), encodes them (by default [α·log(|∇λL|+ε), sign(∇λL)], the data x and λ_t), and a small network
-outputs the gated update (paper eq. 5 and 62):
+At every step t the engine (:mod:`learned_inference.engine`) evaluates the ELBO L_t and its gradient ∇_λ L_t at
+the posterior parameters λ_t (``torch.func``); the optimizer encodes them (by default [α·log(|∇λL|+ε), sign(∇λL)],
+the data x and λ_t), a small network reads the encoding, and its update heads give the gated step (paper eqs. 5,
+62), which the family then constrains:
 
-    λ_{t+1} = g_t ⊙ λ_t + (1 − g_t) ⊙ f_t(∇_λ L_t, λ_t, x; φ).
+    λ_{t+1} = constrain(g_t ⊙ λ_t + (1 − g_t) ⊙ f_t),     (g_t, f_t) = heads(network(encoding(∇_λ L_t, x, λ_t); φ)).
 
-Training (paper App. B.3): the update network's loss is the mean over steps of −L_t; the user's model learns from
-−L_T at the final step. With a feed-forward network the per-step gradients for φ are computed as the steps run
-(λ and the gradient inputs are detached between steps), so training memory does not grow with ``num_steps``.
+Training (paper App. B.3, :class:`~learned_inference.engine.TrainingLoss`): the update network's loss is the mean
+over steps of −L_t; the user's model learns from −L_T; an encoder giving λ_0 learns from −L_0. With a feed-forward
+network λ is detached between steps, so training memory does not grow with ``num_steps``.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.distributions import Distribution
-from torch.nn.parameter import is_lazy
+from torch import Tensor
 
-from learned_inference.block_family import BlockFamily
-from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
+from learned_inference.context import StepContext, full_precision
+from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
+from learned_inference.engine import Training, mean_over_steps
 from learned_inference.families import Family, Params
-from learned_inference.hierarchical import OBSERVED, check_hierarchical_model, precision_weighted_errors
-from learned_inference.inference import InferenceMethod, InferenceResult, check_int, detach
+from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel, LatentSpace
-from learned_inference.networks import State, UpdateNetwork, make_network
-from learned_inference.objectives import PriorMoments, elbo, elbo_and_grad, prior_moments
-from learned_inference.updates import make_update
+from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_network
+from learned_inference.updates import PerVariableUpdate, Update, make_update
+from learned_inference.validation import check_int
 
-__all__ = ["InferenceResult", "IterativeInferenceOptimizer", "observation_errors"]
-
-
-class _GradientInjection(torch.autograd.Function):
-    """Returns a zero scalar whose backward hands precomputed gradients (scaled by the incoming one) to params."""
-
-    @staticmethod
-    def forward(ctx: Any, grads: Sequence[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.grads = grads
-        return params[0].new_zeros(())
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *(grad_output * g for g in ctx.grads))
+__all__ = ["IterativeInferenceOptimizer", "learned_step"]
 
 
-def observation_errors(
-    model: LatentModel, family: Family, params: Params, x: Tensor, noise: Tensor, *, space: LatentSpace,
-    prior: PriorMoments,
-) -> tuple[Tensor, Tensor]:
-    """(εx, εz) = (x − E[x | z], z − μ_p), averaged over the samples (paper Sec. 4.1; variances dropped, B.1)."""
-    z = family.sample(params, noise)
-    mean_x = model.likelihood_mean(space.split(z)).mean(0)  # type: ignore[attr-defined]
-    return x - mean_x, (z - prior[0].to(z)).mean(0)
+def learned_step(
+    encoding: Encoding, network: UpdateNetwork, update: Update, context: StepContext, state: Any
+) -> tuple[Params, Any]:
+    """One learned step: encoding → network → update heads, for every part of the network.
+
+    A plain network is one part over all of λ; a :class:`~learned_inference.networks.PerVariableNetwork` has one
+    per latent variable, each reading that variable's view of the step and proposing its block of λ.
+
+    Returns:
+        The proposed λ_{t+1} (before the family's constraints) and the networks' states by part.
+    """
+    states: dict[str | None, Any] = {}
+    blocks: dict[str | None, Params] = {}
+    updates = update.parts()
+    for variable, part in network.parts().items():
+        view = context if variable is None else context.restrict(variable)
+        with full_precision(context.x):
+            features = encoding(view)
+        hidden, states[variable] = part(features, None if state is None else state[variable])
+        blocks[variable] = updates[variable](hidden, view.params)
+    if None in blocks:
+        return blocks[None], states
+    return {n: torch.cat([block[n] for block in blocks.values()], -1) for n in context.params}, states
 
 
-def _mask_rows(healthy: Tensor, value: Tensor) -> Tensor:
-    """``value`` with the rows of unhealthy examples set to zero."""
-    return torch.where(healthy.view(-1, *[1] * (value.dim() - 1)), value, 0.0)
+def _build_network(
+    network: str | UpdateNetwork | Mapping[str, str | UpdateNetwork], space: LatentSpace, *,
+    hidden_size: int | None, num_layers: int | None,
+) -> UpdateNetwork:
+    """The update network from a name, an instance, or a dict of them per latent variable."""
+    if isinstance(network, UpdateNetwork) and (hidden_size is not None or num_layers is not None):
+        raise ValueError("hidden_size and num_layers size a network built from a name; this network is already "
+                         "built: leave them out")
+    size = check_int("hidden_size", 512 if hidden_size is None else hidden_size, minimum=1)
+    layers = check_int("num_layers", 2 if num_layers is None else num_layers, minimum=1)
+    if isinstance(network, Mapping):
+        network = PerVariableNetwork({v: make_network(spec, hidden_size=size, num_layers=layers)
+                                      for v, spec in network.items()})
+    built = make_network(network, hidden_size=size, num_layers=layers)
+    variables = [v for v in built.parts() if v is not None]
+    if variables and (space.names is None or set(variables) != set(space.names)):
+        expected = list(space.names) if space.names is not None else "(latent_dim as a dict)"
+        raise ValueError(f"a per-variable network needs one network per latent variable {expected}, got "
+                         f"{sorted(variables)}")
+    return built
 
 
-def _full_precision(x: Tensor) -> Any:
-    """Disables autocast (so the λ-gradient and the encodings are computed in x's own precision)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-class _Trace:
-    """What a run collects step by step: ELBOs, gradient norms, health masks and the update network's loss."""
-
-    def __init__(self, *, batch: int, num_steps: int, x: Tensor) -> None:
-        self.batch, self.num_steps = batch, num_steps
-        self.elbos: list[Tensor] = []
-        self.norms: list[Tensor] = []
-        self.healthy: list[Tensor] = []
-        self.phi: list[Tensor] = []
-        self.phi_grads: list[Tensor] | None = None
-        self.surrogate = x.new_zeros(())
-        self.final_values: Tensor | None = None
-        self.final_noise: Tensor | None = None
-
-    def record(self, values: Tensor, grads: Params) -> Tensor:
-        """Stores step t's ELBO and gradient norm; returns the per-example mask of finite ELBO and gradient."""
-        values = values.detach()
-        healthy = torch.isfinite(values)
-        for g in grads.values():
-            healthy = healthy & torch.isfinite(g.detach()).all(-1)
-        self.elbos.append(values)
-        self.norms.append(torch.sqrt(sum(g.detach().square().sum(-1) for g in grads.values())))
-        self.healthy.append(healthy)
-        return healthy
-
-    def add_phi_grads(self, grads: list[Tensor]) -> None:
-        self.phi_grads = grads if self.phi_grads is None else [a + g for a, g in zip(self.phi_grads, grads,
-                                                                                     strict=True)]
-
-    def elbo(self) -> Tensor:
-        return torch.stack(self.elbos)
-
-    def unhealthy_examples(self) -> Tensor:
-        """Indices of the examples whose ELBO or gradient was not finite at some step."""
-        return (~torch.stack(self.healthy).all(0)).nonzero().flatten()
-
-    def loss(self, final_loss: Tensor | None) -> Tensor:
-        """The scalar loss: value = mean over steps 1..T (or step 0) of the healthy examples' −ELBO; gradient =
-        the update network's accumulated step losses + the model's final-step loss + any surrogates."""
-        elbo, healthy = self.elbo(), torch.stack(self.healthy)
-        if self.num_steps > 0:
-            elbo, healthy = elbo[1:], healthy[1:]
-        value = -torch.where(healthy, elbo, 0.0).sum() / healthy.sum().clamp(min=1)
-        graph_part = self.surrogate
-        if final_loss is not None:
-            graph_part = graph_part + final_loss
-        if self.phi_grads is not None:
-            graph_part = graph_part + _GradientInjection.apply(self.phi_grads, *self.phi)
-        if not graph_part.requires_grad:
-            return value
-        return value + (graph_part - graph_part.detach())
+def _build_update(update: str | Update, network: UpdateNetwork, family: Family, space: LatentSpace) -> Update:
+    """The update heads for every part of the network."""
+    parts = network.parts()
+    if isinstance(update, Update):
+        dim = space.total_dim
+        if None not in parts or (update.hidden_size, update.dim) != (parts[None].hidden_size, dim):
+            raise ValueError(f"update must read the network's {parts.get(None, network).hidden_size} outputs and "
+                             f"update {dim} latent dimensions for one network over all of λ; pass a name "
+                             "('gated', 'residual') to build heads for other networks")
+        return update
+    heads = {v: make_update(update, family.param_names, hidden_size=net.hidden_size,
+                            dim=space.total_dim if v is None else space.sizes[v]) for v, net in parts.items()}
+    return heads[None] if None in heads else PerVariableUpdate(heads)  # type: ignore[arg-type]
 
 
 class IterativeInferenceOptimizer(InferenceMethod):
@@ -126,39 +101,34 @@ class IterativeInferenceOptimizer(InferenceMethod):
 
     Implements iterative amortized inference (Marino, Yue & Mandt 2018): λ_{t+1} = g ⊙ λ_t + (1 − g) ⊙ f(enc_t)
     (eq. 62), where enc_t encodes ∇_λ L_t (App. B.1), x and λ_t. The model is used, not owned: it is not a
-    submodule, so ``parameters()`` and ``state_dict()`` hold the update network only.
+    submodule, so ``parameters()`` and ``state_dict()`` hold the update network and heads only. Components are
+    passed in (names are shortcuts): ``encoding``, ``network``, ``update``.
 
     Args:
         model: anything with ``log_joint(x, z)`` (see :mod:`learned_inference.model`).
         latent_dim: the size of z, or a dict of sizes for several latent variables (listed bottom-up for a
             hierarchy: ``{"z1": 64, "z2": 32}``, z1 next to the data).
         num_steps: refinement steps T used by :meth:`forward` (and by :meth:`infer` unless overridden).
-        family: ``"diagonal_gaussian"`` (default), ``"delta"``, a :class:`~learned_inference.families.Family`,
-            or for several latent variables a dict of them, one per variable (a
-            :class:`~learned_inference.block_family.BlockFamily`; the families must share their parameter names).
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, a :class:`~learned_inference.families.Family`, or a
+            dict of them per latent variable.
         encoding: what the network sees: names or :class:`~learned_inference.encodings.Encoding` objects
             (default ``("gradient", "data", "params")``; ``"hierarchical_errors"`` adds the bottom-up and
             top-down errors of a model with ``conditionals(z)``, see :mod:`learned_inference.hierarchical`).
-        update: ``"gated"`` (eq. 62, default) or ``"residual"``.
-        network: ``"highway"`` (feed-forward, default), ``"lstm"``, ``"gru"``, or an
-            :class:`~learned_inference.networks.UpdateNetwork` (with ``per_variable_networks``: a name, or a dict
-            of them keyed by variable).
-        per_variable_networks: one update network (and update heads) per latent variable instead of one over all
-            of λ. Variable v's network sees the encoding of its own gradient and λ block, the data, and for
-            ``"hierarchical_errors"`` its bottom-up and top-down errors; it updates only v's block.
-        hidden_size: units per layer of the built network (with ``per_variable_networks``: an int, or a dict
-            of them keyed by variable).
-        num_layers: hidden layers of the highway network.
+        network: ``"highway"`` (feed-forward, default), ``"lstm"``, ``"gru"``, an
+            :class:`~learned_inference.networks.UpdateNetwork`, or one per latent variable (a
+            :class:`~learned_inference.networks.PerVariableNetwork`, or a dict of names/networks).
+        update: ``"gated"`` (eq. 62, default), ``"residual"``, or an :class:`~learned_inference.updates.Update`.
+        hidden_size: units per layer of a network built from a name (default 512).
+        num_layers: hidden layers of a highway network built from a name (default 2).
         num_samples: reparameterized samples S per ELBO evaluation.
         init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         backprop_through_steps: keep the graph across steps (backpropagation through time). Default: False for
             feed-forward networks (constant memory), True for recurrent ones.
-        second_order: feed the network gradients that stay differentiable (∇λL with its graph), so training
-            differentiates through them; needs ``backprop_through_steps``.
-        on_nonfinite: what to do when some examples' ELBO or λ-gradient is not finite (e.g. an overflowing
-            decoder): ``"warn"`` (default: those examples keep their λ and are left out of the loss, the others are
-            unaffected, and a ``RuntimeWarning`` names them) or ``"raise"`` (``FloatingPointError``).
+        second_order: feed the network gradients that keep their graph, so training differentiates through them;
+            needs ``backprop_through_steps``.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"`` for examples whose ELBO or λ-gradient is not finite.
+        data_shape: the event shape of x (e.g. ``(784,)``), to size the network now rather than on the first call.
 
     Example:
         >>> import torch
@@ -179,92 +149,65 @@ class IterativeInferenceOptimizer(InferenceMethod):
         *,
         latent_dim: int | dict[str, int],
         num_steps: int = 5,
-        family: str | Family = "diagonal_gaussian",
+        family: str | Family | Mapping[str, str | Family] = "diagonal_gaussian",
         encoding: str | Encoding | Sequence[str | Encoding] = DEFAULT_ENCODING,
-        update: str = "gated",
         network: str | UpdateNetwork | Mapping[str, str | UpdateNetwork] = "highway",
-        per_variable_networks: bool = False,
-        hidden_size: int | Mapping[str, int] = 512,
-        num_layers: int = 2,
+        update: str | Update = "gated",
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
         num_samples: int = 1,
         init: str = "prior",
         analytic_kl: bool = True,
         backprop_through_steps: bool | None = None,
         second_order: bool = False,
         on_nonfinite: str = "warn",
+        data_shape: Sequence[int] | None = None,
     ) -> None:
-        if isinstance(family, Mapping):
-            family = BlockFamily(family, space=LatentSpace(latent_dim))
-        super().__init__(
-            model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
-            analytic_kl=analytic_kl,
-        )
-        check_int("num_layers", num_layers, minimum=1)
-        self.encoding = make_encoding(encoding)
+        super().__init__(model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
+                         analytic_kl=analytic_kl, on_nonfinite=on_nonfinite)
         if init not in ("prior", "encoder"):
             raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
         if init == "encoder" and not callable(getattr(model, "encode", None)):
             raise ValueError(f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has none")
-        self.init = init
-        if self.encoding.needs_errors:
-            for method in ("likelihood_mean", "prior"):
-                if not callable(getattr(model, method, None)):
-                    raise ValueError(
-                        f"the 'errors' encoding needs model.{method}(); {type(model).__name__} has none "
-                        "(DecoderModel and VAEModel provide it), or use encoding=('gradient', 'data', 'params')"
-                    )
-        if self.encoding.needs_level_errors:
-            check_hierarchical_model(model, self.space)
-        self.per_variable_networks = bool(per_variable_networks)
-        self.network, self.update, recurrent = self._build_networks(
-            network, update, hidden_size=hidden_size, num_layers=num_layers
-        )
-        self.backprop_through_steps = recurrent if backprop_through_steps is None else bool(backprop_through_steps)
-        if second_order and not self.backprop_through_steps:
-            raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
-        self.second_order = second_order
-        if on_nonfinite not in ("warn", "raise"):
-            raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
-        self.on_nonfinite = on_nonfinite
+        self.start = init
+        self.encoding = make_encoding(encoding)
+        self.encoding.check(model, self.space)
+        self.network = _build_network(network, self.space, hidden_size=hidden_size, num_layers=num_layers)
+        self.update = _build_update(update, self.network, self.family, self.space)
+        self.backprop_through_steps = (self.network.recurrent if backprop_through_steps is None
+                                       else bool(backprop_through_steps))
+        self.second_order = bool(second_order)
+        Training(backprop_through_steps=self.backprop_through_steps, second_order=self.second_order)  # validates
+        if data_shape is not None:
+            self.materialize(data_shape)
 
-    def _build_networks(
-        self, network: str | UpdateNetwork | Mapping[str, str | UpdateNetwork], update: str, *,
-        hidden_size: int | Mapping[str, int], num_layers: int,
-    ) -> tuple[nn.Module, nn.Module, bool]:
-        """(network, update heads, recurrent): one of each over all of λ, or ``nn.ModuleDict`` s per variable."""
-        names = self.family.param_names
-        if not self.per_variable_networks:
-            if isinstance(hidden_size, Mapping) or isinstance(network, Mapping):
-                raise ValueError("hidden_size and network may be dicts only with per_variable_networks=True")
-            net = make_network(network, hidden_size=check_int("hidden_size", hidden_size, minimum=1),
-                               num_layers=num_layers)
-            heads = make_update(update, names, hidden_size=net.hidden_size, dim=self.space.total_dim)
-            return net, heads, net.recurrent
-        variables = self.space.names
-        if variables is None:
-            raise ValueError("per_variable_networks=True needs latent_dim as a dict of sizes (several variables)")
-        if isinstance(network, UpdateNetwork):
-            raise ValueError("with per_variable_networks=True, network must be a name or a dict of UpdateNetwork "
-                             "instances keyed by variable (one instance cannot serve several variables)")
-        per_var = {"hidden_size": hidden_size, "network": network}
-        for option, value in per_var.items():
-            if isinstance(value, Mapping) and set(value) != set(variables):
-                raise ValueError(f"{option} must have one entry per latent variable {list(variables)}, got "
-                                 f"{sorted(value)}")
-            per_var[option] = value if isinstance(value, Mapping) else dict.fromkeys(variables, value)
-        nets = nn.ModuleDict({
-            v: make_network(per_var["network"][v],
-                            hidden_size=check_int(f"hidden_size[{v!r}]", per_var["hidden_size"][v], minimum=1),
-                            num_layers=num_layers)
-            for v in variables
-        })
-        heads = nn.ModuleDict({
-            v: make_update(update, names, hidden_size=nets[v].hidden_size, dim=self.space.sizes[v]) for v in variables
-        })
-        return nets, heads, any(net.recurrent for net in nets.values())
+    def materialize(self, data_shape: Sequence[int]) -> None:
+        """Sizes the network's input layer(s) for data of event shape ``data_shape`` (weights drawn now)."""
+        data = math.prod(check_int("data_shape entries", int(d), minimum=1) for d in data_shape)
+        for variable, part in self.network.parts().items():
+            shapes = FeatureShapes.of(data=data, param_names=self.family.param_names, space=self.space,
+                                      variable=variable)
+            part.materialize(self.encoding.num_features(shapes))
+
+    def init(self, x: Tensor) -> Params:
+        """λ_0: the prior, or the model's encoder (its graph kept, so the encoder learns from −L_0)."""
+        if self.start == "prior":
+            return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
+        loc, log_var = self.model.encode(x)  # type: ignore[attr-defined]
+        encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
+        return self.family.constrain({name: encoded[name] for name in self.family.param_names})
+
+    def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
+        """The learned step (:func:`learned_step`); the engine then constrains it to the family's range."""
+        return learned_step(self.encoding, self.network, self.update, context, state)
+
+    def training_rule(self) -> Training:
+        """Update network: mean over steps of −L_t; encoder: −L_0; through the steps for recurrent networks."""
+        return Training(step_parameters=tuple(self.parameters()), step_weights=mean_over_steps,
+                        backprop_through_steps=self.backprop_through_steps, second_order=self.second_order)
 
     def forward(
-        self, x: Tensor, *, init_params: Params | None = None, noise: Tensor | None = None
+        self, x: Tensor, *, init_params: dict[str, Any] | None = None, noise: Tensor | None = None
     ) -> InferenceResult:
         """Runs ``num_steps`` refinement steps and returns a result whose ``loss`` trains.
 
@@ -283,164 +226,10 @@ class IterativeInferenceOptimizer(InferenceMethod):
 
     def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
         super()._check_inputs(x, num_steps, noise)
-        self._materialize(x)
-
-    def _materialize(self, x: Tensor) -> None:
-        """Sizes the lazy input layer from the first batch, even when that call runs no refinement step."""
-        if not any(is_lazy(p) for p in self.parameters()):
-            return
-        params = self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
-        zeros = {name: torch.zeros_like(value) for name, value in params.items()}
-        errors = (torch.zeros_like(x), params[self.family.param_names[0]]) if self.encoding.needs_errors else None
-        level_errors = None
-        if self.encoding.needs_level_errors:
-            level_errors = {OBSERVED: x.flatten(1), **self.space.split(zeros[self.family.param_names[0]])}
-        with torch.no_grad():
-            self._propose(EncodingInputs(grads=zeros, params=params, x=x, errors=errors, level_errors=level_errors),
-                          None)
-
-    def _propose(self, inputs: EncodingInputs, state: Any) -> tuple[Params, Any]:
-        """The update network(s)' next λ from the encoded inputs (before the family's constraints)."""
-        if not self.per_variable_networks:
-            with _full_precision(inputs.x):
-                features = self.encoding(inputs)
-            hidden, state = self.network(features, state)
-            return self.update(hidden, inputs.params), state
-        space = self.space
-        grads = {n: space.split(g) for n, g in inputs.grads.items()}
-        params = {n: space.split(p) for n, p in inputs.params.items()}
-        states: dict[str, State] = dict(state or {})
-        blocks: dict[str, Params] = {}
-        for v in self.network:
-            errors = None if inputs.errors is None else (inputs.errors[0], space.split(inputs.errors[1])[v])
-            block = {n: params[n][v] for n in params}
-            restricted = EncodingInputs(grads={n: grads[n][v] for n in grads}, params=block, x=inputs.x,
-                                        errors=errors, level_errors=inputs.level_errors, variable=v)
-            with _full_precision(inputs.x):
-                features = self.encoding(restricted)
-            hidden, states[v] = self.network[v](features, states.get(v))
-            blocks[v] = self.update[v](hidden, block)
-        return {n: torch.cat([blocks[v][n] for v in self.network], -1) for n in inputs.params}, states
-
-    def _initial_params(self, x: Tensor, init_params: Params | None) -> Params:
-        names = self.family.param_names
-        if init_params is not None:
-            return self._flatten(init_params)
-        if self.init == "encoder":
-            loc, log_var = self.model.encode(x)  # type: ignore[attr-defined]
-            encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
-            return self.family.constrain({name: encoded[name] for name in names})
-        return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
-
-    def _run(
-        self, x: Tensor, num_steps: int, *, train: bool, init_params: Params | None, noise: Tensor | None
-    ) -> InferenceResult:
-        self._check_inputs(x, num_steps, noise)
-        model, family, space = self.model, self.family, self.space
-        prior = prior_moments(model, space)
-        kl_prior = prior if self.analytic_kl else None
-        bptt, second_order = self.backprop_through_steps, self.second_order
-        params = self._initial_params(x, init_params)
-        trace = _Trace(batch=x.shape[0], num_steps=num_steps, x=x)
-        state = None
-        for t in range(num_steps + 1):
-            eps = self._noise(noise, t, x)
-            final = t == num_steps
-            lam = params if second_order else detach(params)
-            # The λ-gradient (and so the encodings) stay in full precision under autocast.
-            with torch.set_grad_enabled(train and (final or second_order)), _full_precision(x):
-                values, grads = elbo_and_grad(model, family, lam, x, eps, space=space, prior=kl_prior)
-            healthy = trace.record(values, grads)
-            grads = {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}
-            if train and any(p.requires_grad for p in params.values()):
-                self._learn_from_step(trace, t, params, grads, bptt=bptt)
-            if final:
-                trace.final_values, trace.final_noise = values, eps
-                break
-            errors = level_errors = None
-            with torch.no_grad(), _full_precision(x):
-                if self.encoding.needs_errors:
-                    errors = observation_errors(model, family, lam, x, eps, space=space, prior=prior)
-                    errors = tuple(_mask_rows(healthy, e) for e in errors)
-                if self.encoding.needs_level_errors:
-                    z = space.split(family.sample(lam, eps))
-                    level_errors = {k: _mask_rows(healthy, e) for k, e in
-                                    precision_weighted_errors(model, x, z).items()}  # type: ignore[arg-type]
-            grad_inputs = grads if second_order else detach(grads)
-            with torch.set_grad_enabled(train):
-                base = params if bptt else lam
-                inputs = EncodingInputs(grads=grad_inputs, params=base, x=x, errors=errors, level_errors=level_errors)
-                proposed, state = self._propose(inputs, state)
-                updated = family.constrain(proposed)
-                # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing).
-                params = {n: torch.where(healthy[:, None], v.to(base[n].dtype), base[n]) for n, v in updated.items()}
-
-        final_loss = self._final_model_loss(trace, params, x, kl_prior) if train else None
-        self._report_unhealthy(trace)
-        loss = trace.loss(final_loss)
-        public, posterior = self._public(params)
-        return InferenceResult(params=public, posterior=posterior, elbo=trace.elbo(), loss=loss,
-                               grad_norm=torch.stack(trace.norms))
-
-    def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
-        if not isinstance(self.family, BlockFamily):
-            return super()._public(params)
-        params = detach(params)
-        return self.family.blocks(params), self.family.distributions(params)
-
-    def _report_unhealthy(self, trace: _Trace) -> None:
-        bad = trace.unhealthy_examples()
-        if bad.numel() == 0:
-            return
-        shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.numel() > 10 else "")
-        message = (
-            f"{bad.numel()} of {trace.batch} examples had a non-finite ELBO or λ-gradient (examples {shown}); their "
-            "λ was kept at its last finite value and they were left out of the loss. Their entries in "
-            "result.elbo are not finite. Check the model for overflow (e.g. unbounded decoder outputs)."
-        )
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-    def _learn_from_step(self, trace: _Trace, t: int, params: Params, grads: Params, *, bptt: bool) -> None:
-        """Adds step t's share of the update network's loss: d(−L_t)/dλ_t = −∇λL_t, as an immediate VJP
-        (feed-forward: the graph of λ_t is freed now) or as a surrogate ⟨−∇λL_t, λ_t⟩ kept in the graph (BPTT,
-        and a trainable encoder at t = 0)."""
-        weight = 1.0 / (trace.batch * trace.num_steps) if t > 0 else 1.0 / trace.batch
-        if t > 0 and not bptt:
-            if not trace.phi:
-                trace.phi = [p for p in self.parameters() if p.requires_grad]
-            step_grads = torch.autograd.grad(
-                [params[n] for n in grads], trace.phi, grad_outputs=[-weight * g.detach() for g in grads.values()],
-                allow_unused=True,
-            )
-            trace.add_phi_grads([torch.zeros_like(p) if g is None else g for p, g in zip(trace.phi, step_grads,
-                                                                                       strict=True)])
-        else:
-            trace.surrogate = trace.surrogate - weight * sum((g.detach() * params[n]).sum() for n, g in grads.items())
-
-    def _final_model_loss(
-        self, trace: _Trace, params: Params, x: Tensor, prior: PriorMoments | None
-    ) -> Tensor | None:
-        """−L_T averaged over the healthy examples, with the graph to the model's parameters."""
-        values = trace.final_values
-        if values is None or not values.requires_grad:
-            return None
-        healthy = trace.healthy[-1]
-        if bool(healthy.all()):
-            return -values.mean()
-        if not bool(healthy.any()):
-            return None
-        # Re-evaluate on the healthy rows only (same noise): a non-finite row would turn 0 · inf into NaN backward.
-        eps = trace.final_noise[:, healthy]
-        with _full_precision(x):
-            kept = elbo(self.model, self.family, {n: v.detach()[healthy] for n, v in params.items()}, x[healthy],
-                        eps, space=self.space, prior=prior)
-        return -kept.mean()
+        self.materialize(x.shape[1:])
 
     def extra_repr(self) -> str:
-        return (
-            f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "
-            f"num_samples={self.num_samples}, init={self.init!r}, backprop_through_steps={self.backprop_through_steps},"
-            f" per_variable_networks={self.per_variable_networks}"
-        )
+        return (f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "
+                f"num_samples={self.num_samples}, init={self.start!r}, "
+                f"backprop_through_steps={self.backprop_through_steps}")
+

@@ -1,4 +1,8 @@
-"""``ModelWithInference``: the user's model and its learned optimizer as one module, the unit of training.
+"""Training: :func:`fit`, the loop that trains any inference method with the user's model, and
+:class:`ModelWithInference`, the model and its learned optimizer as one module (for ``DistributedDataParallel``).
+
+:func:`fit` takes one optimizer step on ``method(x).loss`` per mini-batch and returns a :class:`FitHistory` (train
+and validation ELBO, seconds, per epoch); see its docstring for the equation and an example.
 
 :class:`~learned_inference.IterativeInferenceOptimizer` uses the user's model without owning it, so wrapping
 the optimizer alone in ``DistributedDataParallel`` would synchronise the update network φ but not the model
@@ -33,15 +37,23 @@ Example:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+from tqdm.auto import tqdm
 
+from learned_inference.data import CountMatrix, iterate_batches
 from learned_inference.families import Params
-from learned_inference.inference import InferenceResult
+from learned_inference.inference import InferenceMethod, InferenceResult, check_int
 from learned_inference.model import LatentModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
 
-__all__ = ["ModelWithInference"]
+__all__ = ["FitHistory", "ModelWithInference", "fit"]
 
 
 class ModelWithInference(nn.Module):
@@ -79,3 +91,215 @@ class ModelWithInference(nn.Module):
     ) -> InferenceResult:
         """Runs ``inference(x, ...)``; see :meth:`IterativeInferenceOptimizer.forward` for the arguments."""
         return self.inference(x, init_params=init_params, noise=noise)
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit` measured, one entry per epoch.
+
+    Attributes:
+        train_elbo: the mean final-step ELBO L_T over the epoch's training examples, each measured on the batch's
+            forward pass (before that batch's optimizer step; after ``transform``).
+        seconds: wall-clock seconds of the epoch's training (validation excluded).
+        validation_elbo: the mean final-step ELBO of ``method.infer`` on the validation data after the epoch;
+            empty when ``fit`` had no validation data.
+    """
+
+    train_elbo: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    validation_elbo: list[float] = field(default_factory=list)
+
+
+def fit(
+    method: InferenceMethod,
+    data: Tensor | CountMatrix | Iterable[Tensor],
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float | None = None,
+    batch_size: int = 100,
+    validation: Tensor | None = None,
+    transform: Callable[..., Tensor] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    label: str | None = None,
+) -> FitHistory:
+    """Trains ``method`` and the user's model behind it (``method.model``) on ``method(x).loss``.
+
+    For each mini-batch x, one step of the optimizer on the parameters θ (model) and φ (inference method):
+
+        (θ, φ) ← optimizer_step((θ, φ), ∇_{θ,φ} method(x).loss),
+
+    where ``loss`` is the method's own training loss (for
+    :class:`~learned_inference.IterativeInferenceOptimizer`: the mean over steps of −L_t for φ and −L_T for θ;
+    for a plain VAE encoder: −L_0). Gradients are zeroed before every batch. Nothing else is done to the
+    modules: their train/eval mode, device and dtype stay as they are.
+
+    Args:
+        method: any inference method: an ``nn.Module`` whose ``forward(x)`` returns a result with ``loss`` (a
+            scalar) and ``elbo`` (``[T + 1, B]``), and whose ``model`` is the user's model.
+        data: a tensor ``[N, *event]`` (or a :class:`~learned_inference.data.CountMatrix`), reshuffled into
+            batches of ``batch_size`` every epoch with a ``torch.Generator`` seeded by ``seed``; or any
+            re-iterable of batches (a ``DataLoader``, a list of tensors), each a tensor ``[B, *event]`` or a tuple
+            or list whose first item is one (``(x, label)`` as from ``TensorDataset``): the first item is used.
+        epochs: passes over ``data`` (an int >= 1).
+        optimizer: a ``torch.optim.Optimizer`` over the parameters to train. Default: Adam with ``lr`` over every
+            parameter of the model (when it is an ``nn.Module``) and of the method that requires grad, each once
+            (a method may hold the model's encoder too). Freeze a pre-trained model with
+            ``model.requires_grad_(False)``, or pass an optimizer over the parameters to train.
+        lr: the default Adam's learning rate (default 1e-3); an error with an explicit ``optimizer``, whose own
+            learning rate applies.
+        batch_size: examples per batch when ``data`` is a tensor, and per chunk of ``validation``.
+        validation: data ``[M, *event]`` evaluated after every epoch with ``method.infer`` (no graph; the
+            method's own number of steps): :attr:`FitHistory.validation_elbo`. Its noise comes from the global
+            generator reseeded with ``seed`` and restored afterwards, so it is the same at every epoch and
+            validation leaves training unchanged.
+        transform: called as ``transform(x, generator=g)`` on every training batch (e.g.
+            :func:`~learned_inference.data.binarize` for dynamic binarization); ``g`` is the seeded generator of
+            the data order (a generator on the batch's device seeded by ``seed`` for batches not on the CPU).
+        seed: seeds the data order and ``transform``'s generator; the same seed gives the same batches.
+            Initialization and the training noise of ``method`` come from the global generator
+            (``torch.manual_seed``).
+        progress: show a progress bar over epochs with the latest train (and validation) ELBO.
+        label: what the progress bar says is training (``"training <label>"``).
+
+    Returns:
+        A :class:`FitHistory` with one entry per epoch.
+
+    Raises:
+        TypeError: ``method``, ``data``, a batch, ``validation``, ``optimizer`` or ``seed`` of the wrong type.
+        ValueError: ``epochs`` or ``batch_size`` not an int >= 1, ``lr`` not positive or given with an
+            ``optimizer``, empty data, an epoch without batches (a one-shot iterator), no trainable parameters.
+
+    Example:
+        >>> import torch
+        >>> from learned_inference import DecoderModel, IterativeInferenceOptimizer
+        >>> from learned_inference.training import fit
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = DecoderModel(torch.nn.Linear(2, 6), likelihood="bernoulli", latent_dim=2)
+        >>> inference = IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=8, num_steps=2)
+        >>> data = torch.bernoulli(torch.full((64, 6), 0.3))
+        >>> history = fit(inference, data, epochs=3, batch_size=16, lr=1e-2, validation=data[:16], progress=False)
+        >>> len(history.train_elbo), len(history.seconds), len(history.validation_elbo)
+        (3, 3, 3)
+    """
+    if not isinstance(method, nn.Module):
+        raise TypeError(f"method must be an inference method (an nn.Module), got {type(method).__name__}")
+    check_int("epochs", epochs, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    batches = _batches(data, batch_size)
+    if validation is not None:
+        _check_tensor("validation", validation)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(_trainable_parameters(method), lr=_check_lr(1e-3 if lr is None else lr))
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    elif lr is not None:
+        raise ValueError("lr sets the default Adam's learning rate; with an explicit optimizer, set the learning "
+                         "rate on the optimizer instead")
+
+    generators = {torch.device("cpu"): torch.Generator().manual_seed(seed)}
+    history = FitHistory()
+    bar = tqdm(range(epochs), desc="training" if label is None else f"training {label}", disable=not progress)
+    for epoch in bar:
+        start, total, count = time.perf_counter(), 0.0, 0  # total: a float64 tensor on the batches' device
+        for x in batches(generators[torch.device("cpu")]):
+            if transform is not None:
+                if x.device not in generators:
+                    generators[x.device] = torch.Generator(x.device).manual_seed(seed)
+                x = transform(x, generator=generators[x.device])
+            optimizer.zero_grad()
+            result = method(x)
+            result.loss.backward()
+            optimizer.step()
+            total = total + result.elbo[-1].detach().sum().double()  # no synchronisation per batch
+            count += len(x)
+        if count == 0:
+            raise ValueError(f"data gave no batches in epoch {epoch + 1}; pass a tensor or a re-iterable (a "
+                             "DataLoader, a list of batches), not a one-shot iterator")
+        history.train_elbo.append(float(total) / count)
+        history.seconds.append(time.perf_counter() - start)
+        shown = {"train_elbo": f"{history.train_elbo[-1]:.2f}"}
+        if validation is not None:
+            history.validation_elbo.append(_validation_elbo(method, validation, batch_size, seed))
+            shown["validation_elbo"] = f"{history.validation_elbo[-1]:.2f}"
+        bar.set_postfix(shown)
+    return history
+
+
+def _check_tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty tensor of shape [N, *event], got shape {list(x.shape)}")
+    return x
+
+
+def _check_lr(lr: object) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    return float(lr)
+
+
+def _batches(
+    data: Tensor | CountMatrix | Iterable[Tensor], batch_size: int
+) -> Callable[[torch.Generator], Iterator[Tensor]]:
+    """Validates ``data``; returns a function giving one epoch's batches (the generator shuffles a tensor)."""
+    if isinstance(data, (Tensor, CountMatrix)):
+        if isinstance(data, Tensor):
+            _check_tensor("data", data)
+        elif len(data) == 0:
+            raise ValueError("data must be non-empty, got a CountMatrix with 0 rows")
+        return lambda generator: iterate_batches(data, batch_size, generator=generator)
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"data must be a tensor [N, *event] or an iterable of tensor batches (e.g. a DataLoader), "
+                        f"got {type(data).__name__}")
+
+    def epoch(generator: torch.Generator) -> Iterator[Tensor]:
+        for batch in data:
+            if isinstance(batch, (tuple, list)) and batch:
+                batch = batch[0]
+            yield _check_tensor("each batch of data", batch)
+
+    return epoch
+
+
+def _trainable_parameters(method: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters, then the method's, that require grad, each once (in first-seen order)."""
+    model = getattr(method, "model", None)
+    modules = [model] if isinstance(model, nn.Module) else []
+    seen: dict[int, nn.Parameter] = {}
+    for module in [*modules, method]:
+        for p in module.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    if not seen:
+        raise ValueError("the model and the method have no parameters that require grad: nothing to train; pass "
+                         "optimizer=... over the parameters to train")
+    return list(seen.values())
+
+
+@contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside: the global generators of the CPU (and of ``device`` if it is a GPU) seeded with ``seed``; their
+    states are restored on exit."""
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+def _validation_elbo(method: InferenceMethod, x: Tensor, batch_size: int, seed: int) -> float:
+    """The mean final-step ELBO of ``method.infer`` over ``x``, in chunks of ``batch_size``, with seeded noise."""
+    total = 0.0
+    with _seeded_global_rng(seed, x.device):
+        for chunk in x.split(batch_size):
+            total = total + method.infer(chunk).elbo[-1].sum().double()
+    return float(total) / len(x)

@@ -16,13 +16,21 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
 from learned_inference.families import Params
 
-__all__ = ["GatedUpdate", "ResidualUpdate", "Update", "gated_update", "make_update", "residual_update"]
+__all__ = [
+    "GatedUpdate",
+    "PerVariableUpdate",
+    "ResidualUpdate",
+    "Update",
+    "gated_update",
+    "make_update",
+    "residual_update",
+]
 
 
 def gated_update(param: Tensor, target: Tensor, gate: Tensor) -> Tensor:
@@ -36,10 +44,40 @@ def residual_update(param: Tensor, delta: Tensor) -> Tensor:
 
 
 class Update(nn.Module):
-    """Base class: maps the network's hidden state ``[B, H]`` and λ to the next λ."""
+    """Base class: maps the network's hidden state ``[B, H]`` and λ to the next λ.
+
+    Attributes:
+        hidden_size: H, the size of the update network's output it reads.
+        dim: D, the latent size of the λ it updates.
+    """
+
+    hidden_size: int
+    dim: int
 
     def forward(self, hidden: Tensor, params: Params) -> Params:
         raise NotImplementedError
+
+    def parts(self) -> dict[str | None, Update]:
+        """The updates by the latent variable they apply to (None: all of λ). A plain update is its only part."""
+        return {None: self}
+
+
+class PerVariableUpdate(Update):
+    """One update per latent variable (the heads of a per-variable network); ``state_dict`` keys read
+    ``update.<variable>.<...>``.
+
+    Args:
+        updates: an :class:`Update` per latent variable, in the order of ``latent_dim``.
+    """
+
+    def __init__(self, updates: Mapping[str, Update]) -> None:
+        super().__init__()
+        for name, update in updates.items():
+            self.add_module(name, update)
+        self.names = tuple(updates)
+
+    def parts(self) -> dict[str | None, Update]:
+        return {name: self.get_submodule(name) for name in self.names}  # type: ignore[misc]
 
 
 def _heads(names: Sequence[str], hidden_size: int, dim: int) -> nn.ModuleDict:
@@ -57,6 +95,7 @@ class GatedUpdate(Update):
 
     def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int) -> None:
         super().__init__()
+        self.hidden_size, self.dim = hidden_size, dim
         self.targets = _heads(param_names, hidden_size, dim)
         self.gates = _heads(param_names, hidden_size, dim)
 
@@ -79,6 +118,7 @@ class ResidualUpdate(Update):
 
     def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int, init_scale: float = 1e-3) -> None:
         super().__init__()
+        self.hidden_size, self.dim = hidden_size, dim
         self.deltas = _heads(param_names, hidden_size, dim)
         for head in self.deltas.values():
             nn.init.normal_(head.weight, std=init_scale)

@@ -34,11 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-from learned_inference.baselines import HighwayEncoder
-from learned_inference.inference import check_int
 from learned_inference.likelihoods import gaussian_log_prob, make_likelihood
 from learned_inference.model import DecoderModel, gaussian_standard_log_prob
-from learned_inference.networks import HighwayLayer, HighwayMLP
+from learned_inference.networks import HighwayEncoder, HighwayLayer, HighwayMLP
+from learned_inference.validation import check_int
 
 __all__ = [
     "BottomUpEncoder",
@@ -60,6 +59,8 @@ class ProbabilisticPCA(nn.Module):
         bias: the offset b, ``[data_dim]``.
         log_var: the observation noise log σ² (a float).
     """
+
+    log_var: Tensor  # a buffer
 
     def __init__(self, weight: Tensor, bias: Tensor, *, log_var: float) -> None:
         super().__init__()
@@ -241,6 +242,9 @@ class LinearGaussianHierarchy(nn.Module):
         True
     """
 
+    log_var: Tensor  # buffers
+    top_log_var: Tensor
+
     def __init__(
         self, weight: Tensor, bias: Tensor, top_weight: Tensor, top_bias: Tensor, *, log_var: float,
         top_log_var: float,
@@ -286,6 +290,7 @@ class LinearGaussianHierarchy(nn.Module):
         """log p(x, z1, z2) = Σ over levels of log N(level; conditional mean, conditional variance)."""
         moments = self.conditionals(z)
         values = {"x": x, "z1": z["z1"], "z2": z["z2"]}
+        # sum() starts from the int 0, so its type is Tensor | int; the sum of tensors is a Tensor
         return sum(gaussian_log_prob(mean, torch.log(var), values[level]).sum(-1)  # type: ignore[return-value]
                    for level, (mean, var) in moments.items())
 

@@ -26,6 +26,7 @@ from learned_inference import (
     StandardEncoder,
     VAEModel,
 )
+from learned_inference.networks import HighwayMLP, PerVariableNetwork
 from learned_inference.zoo import LinearGaussianHierarchy
 
 PATH = Path(__file__).parent / "data" / "engine_fingerprint.json"
@@ -111,8 +112,9 @@ def _optimizer_per_variable_hierarchical() -> dict[str, Any]:
     model = LinearGaussianHierarchy.random(data_dim=X, latent_dims=(3, 2), dtype=DTYPE,
                                            generator=torch.Generator().manual_seed(5))
     method = IterativeInferenceOptimizer(
-        model, latent_dim=model.latent_dim, num_steps=T, per_variable_networks=True,
-        hidden_size={"z1": 8, "z2": 6}, encoding=("gradient", "hierarchical_errors", "params"),
+        model, latent_dim=model.latent_dim, num_steps=T,
+        network=PerVariableNetwork({"z1": HighwayMLP(hidden_size=8), "z2": HighwayMLP(hidden_size=6)}),
+        encoding=("gradient", "hierarchical_errors", "params"),
     ).to(DTYPE)
     x = torch.randn(B, X, dtype=DTYPE, generator=torch.Generator().manual_seed(6))
     return _record(method, model, x, dim=5)

@@ -1,0 +1,131 @@
+"""``StepContext``: everything a refinement step may look at, and the inputs encodings compute from it.
+
+At step t the engine (:mod:`learned_inference.engine`) has evaluated the ELBO L_t and its gradient ∇_λ L_t at the
+current λ_t with the noise ε_t; a method's step, and the encodings of a learned step, read them from one
+``StepContext``. Inputs that cost a model evaluation (the observation errors, a hierarchy's precision-weighted
+errors, :mod:`learned_inference.errors`) are computed on first use, once per step, without a graph, in the
+data's own precision, and zero on the rows of unhealthy examples. :meth:`StepContext.restrict` gives the view of
+one latent variable (for one update network per variable); views share those cached inputs.
+
+Example:
+    >>> import torch
+    >>> from learned_inference.families import DiagonalGaussian
+    >>> from learned_inference.model import DecoderModel, LatentSpace
+    >>> from learned_inference.objectives import Objective
+    >>> model = DecoderModel(torch.nn.Linear(3, 5), likelihood="bernoulli", latent_dim=3)
+    >>> objective = Objective(model, DiagonalGaussian(), LatentSpace(3))
+    >>> params = DiagonalGaussian().initial_params(2, 3, dtype=torch.float32, device=None)
+    >>> x, noise = torch.ones(2, 5), torch.zeros(1, 2, 3)
+    >>> elbo, grads = objective.elbo_and_grad(params, x, noise)
+    >>> context = StepContext(x=x, params=params, grads=grads, elbo=elbo, healthy=torch.ones(2, dtype=torch.bool),
+    ...                       t=0, noise=noise, objective=objective)
+    >>> [e.shape for e in context.observation_errors]
+    [torch.Size([2, 5]), torch.Size([2, 3])]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learned_inference.errors import observation_errors, precision_weighted_errors
+from learned_inference.families import Params
+from learned_inference.objectives import Objective, prior_moments
+
+__all__ = ["StepContext", "full_precision"]
+
+
+def full_precision(x: Tensor) -> Any:
+    """Disables autocast, so the λ-gradient and the encodings are computed in x's own precision."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _mask_rows(healthy: Tensor, value: Tensor) -> Tensor:
+    """``value`` with the rows of unhealthy examples set to zero."""
+    return torch.where(healthy.view(-1, *[1] * (value.dim() - 1)), value, 0.0)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The state of refinement at step t, as a step and the encodings see it.
+
+    Attributes:
+        x: the data ``[B, *event]``.
+        params: λ_t, a dict of ``[B, D]`` tensors (restricted to ``variable`` in a per-variable view).
+        grads: ∇_λ L_t keyed like ``params``, zero on the rows of unhealthy examples.
+        elbo: L_t ``[B]``.
+        healthy: ``[B]``, whether example b's ELBO and gradient are finite at this step.
+        t: the step index (0 at the initial estimate).
+        noise: the reparameterization noise ε_t ``[S, B, D]`` the ELBO was estimated with.
+        objective: the model, family and latent layout.
+        variable: the latent variable this view is restricted to, or None for all of λ.
+    """
+
+    x: Tensor
+    params: Params
+    grads: Params
+    elbo: Tensor
+    healthy: Tensor
+    t: int
+    noise: Tensor
+    objective: Objective
+    variable: str | None = None
+    _full: StepContext | None = field(default=None, repr=False, compare=False)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def grad_norm(self) -> Tensor:
+        """Per-example norm ‖∇_λ L_t‖ over all of ``grads``, ``[B]`` (differentiable when ``grads`` are)."""
+        return torch.sqrt(sum(g.square().sum(-1) for g in self.grads.values()))  # type: ignore[arg-type]
+
+    def restrict(self, variable: str) -> StepContext:
+        """The view of one latent variable: ``params`` and ``grads`` restricted to its block of λ."""
+        split = self.objective.space.split
+        params = {n: split(p)[variable] for n, p in self.params.items()}  # type: ignore[index]
+        grads = {n: split(g)[variable] for n, g in self.grads.items()}  # type: ignore[index]
+        return replace(self, params=params, grads=grads, variable=variable, _full=self._root(), _cache={})
+
+    def _root(self) -> StepContext:
+        return self if self._full is None else self._full
+
+    def _samples(self) -> Tensor:
+        """z_s = sample(λ_t, ε_t) at the detached λ, ``[S, B, D]``."""
+        root = self._root()
+        params = {n: p.detach() for n, p in root.params.items()}
+        return root.objective.family.sample(params, root.noise)
+
+    @property
+    def observation_errors(self) -> tuple[Tensor, Tensor]:
+        """(ε_x, ε_z) averaged over the samples (:func:`~learned_inference.errors.observation_errors`); ε_z is
+        restricted to ``variable`` in a per-variable view."""
+        root = self._root()
+        if "observation" not in root._cache:
+            objective = root.objective
+            prior = prior_moments(objective.model, objective.space)
+            if prior is None:
+                raise ValueError("the observation errors need model.prior() returning a diagonal Gaussian")
+            with torch.no_grad(), full_precision(root.x):
+                z = self._samples()
+                errors = observation_errors(objective.model, root.x, z, objective.space.split(z), prior[0])
+            root._cache["observation"] = tuple(_mask_rows(root.healthy, e) for e in errors)
+        error_x, error_z = root._cache["observation"]
+        if self.variable is not None:
+            error_z = self.objective.space.split(error_z)[self.variable]  # type: ignore[index]
+        return error_x, error_z
+
+    @property
+    def level_errors(self) -> dict[str, Tensor]:
+        """The precision-weighted error of every level, bottom-up (``{"x": …, "z1": …, …}``, see
+        :func:`~learned_inference.errors.precision_weighted_errors`); the same in every per-variable view."""
+        root = self._root()
+        if "levels" not in root._cache:
+            objective = root.objective
+            with torch.no_grad(), full_precision(root.x):
+                z = objective.space.split(self._samples())
+                errors = precision_weighted_errors(objective.model, root.x, z)  # type: ignore[arg-type]
+            root._cache["levels"] = {k: _mask_rows(root.healthy, e) for k, e in errors.items()}
+        return root._cache["levels"]  # type: ignore[no-any-return]
+

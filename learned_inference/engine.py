@@ -1,0 +1,332 @@
+"""The refinement engine: the one loop over inference steps that every method and integration runs on.
+
+A method supplies an initial estimate λ_0 and a pure step (``step(context, state) -> (proposal, state)``, see
+:class:`~learned_inference.context.StepContext`); :func:`refine` runs
+
+    for t = 0, …, T:
+        L_t, ∇_λ L_t  = the ELBO and its λ-gradient at λ_t with noise ε_t          (torch.func, full precision)
+        healthy_t     = L_t and ∇_λ L_t finite, per example                         (the non-finite policy)
+        t < T:  λ_{t+1} = constrain(step(context_t)) on healthy rows; unhealthy rows keep λ_t
+
+records the trajectory (ELBO and gradient norm ``[T+1, B]``, health, optionally λ_t at every step), reports
+unhealthy examples once (a ``RuntimeWarning`` or a ``FloatingPointError``), and builds the training loss in one
+:class:`TrainingLoss`, whose docstring states the equation. :class:`Training` says how a method learns: the
+weight of every step, whether a trainable λ_0 learns from L_0, and whether gradients flow through the steps.
+
+Example:
+    >>> import torch
+    >>> from learned_inference.families import DiagonalGaussian
+    >>> from learned_inference.model import DecoderModel, LatentSpace
+    >>> from learned_inference.objectives import Objective
+    >>> model = DecoderModel(torch.nn.Linear(2, 6), likelihood="bernoulli", latent_dim=2)
+    >>> objective = Objective(model, DiagonalGaussian(), LatentSpace(2))
+    >>> def ascent(context, state):        # plain gradient ascent, lr 0.1
+    ...     return {n: p + 0.1 * context.grads[n] for n, p in context.params.items()}, state
+    >>> x = torch.bernoulli(torch.full((3, 6), 0.5))
+    >>> start = objective.family.initial_params(3, 2, dtype=x.dtype, device=None)
+    >>> run = refine(ascent, start, x, objective=objective, num_steps=4, noise=lambda t: torch.zeros(1, 3, 2))
+    >>> run.elbo.shape, bool((run.elbo[-1] > run.elbo[0]).all())
+    (torch.Size([5, 3]), True)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from learned_inference.context import StepContext, full_precision
+from learned_inference.families import Params, detach
+from learned_inference.objectives import Objective
+
+__all__ = [
+    "ON_NONFINITE",
+    "Step",
+    "Training",
+    "TrainingLoss",
+    "Trajectory",
+    "final_step",
+    "mean_over_steps",
+    "refine",
+]
+
+#: the accepted values of ``on_nonfinite``
+ON_NONFINITE = ("warn", "raise")
+
+
+class Step(Protocol):
+    """A refinement step: the next λ (before the family's constraints) and the step's carried state."""
+
+    def __call__(self, context: StepContext, state: Any) -> tuple[Params, Any]: ...
+
+
+def mean_over_steps(num_steps: int, batch: int) -> list[float]:
+    """w_t = 1/(B T) for t = 1..T (the paper's mean over steps of the batch-mean −L_t); w_0 = 1/B when T = 0."""
+    if num_steps == 0:
+        return [1.0 / batch]
+    return [0.0] + [1.0 / (batch * num_steps)] * num_steps
+
+
+def final_step(num_steps: int, batch: int) -> list[float]:
+    """w_T = 1/B, every other w_t = 0: the batch-mean −L_T after the steps."""
+    return [0.0] * num_steps + [1.0 / batch]
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a method learns from a refinement run (the terms of :class:`TrainingLoss`).
+
+    Attributes:
+        step_parameters: φ, the step's own trainable parameters (an update network; empty for hand-written steps).
+        step_weights: ``(num_steps, batch) -> [w_0, …, w_T]``, the weight of Σ_b −L_t,b in the loss.
+        encoder_weight: the weight of −L_0 for a trainable λ_0 (an encoder): 1, or 0 to train it only through the
+            steps.
+        backprop_through_steps: keep λ's graph across steps (recurrent networks, semi-amortized training) instead
+            of detaching λ between steps (constant memory).
+        second_order: the step sees ∇_λ L_t with its graph, so training differentiates through the gradient;
+            needs ``backprop_through_steps``.
+    """
+
+    step_parameters: Sequence[nn.Parameter] = ()
+    step_weights: Callable[[int, int], Sequence[float]] = mean_over_steps
+    encoder_weight: float = 1.0
+    backprop_through_steps: bool = False
+    second_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.second_order and not self.backprop_through_steps:
+            raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
+
+
+class _GradientInjection(torch.autograd.Function):
+    """A zero scalar whose backward hands precomputed gradients (scaled by the incoming one) to parameters."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: Sequence[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *(grad_output * g for g in ctx.grads))
+
+
+class TrainingLoss:
+    """The one training loss of a refinement run, built step by step.
+
+    With weights w_t (:class:`Training`), healthy examples only, and sg[·] the stop-gradient:
+
+        value      ℒ = Σ_t w_t Σ_b −L_t,b
+
+        φ  (step)        ∂ℒ/∂φ  = Σ_{t≥1} w_t Σ_b −∇_λ L_t,b · ∂λ_t,b/∂φ
+        λ_0 (encoder)    ∂ℒ/∂λ_0 = encoder_weight/B · −∇_λ L_0   (+ the terms above through the steps, when
+                         backpropagating through them)
+        θ  (model)       the gradient of −1/B Σ_b L_T,b(sg[λ_T])
+
+    Feed-forward steps (λ detached between steps) take the φ-term as a vector-Jacobian product at every step,
+    against the −w_t ∇_λ L_t the next step needed anyway, and free that step's graph: training memory does not
+    grow with T. Backpropagation through the steps keeps Σ_t w_t ⟨−sg[∇_λ L_t], λ_t⟩ in the graph and takes one
+    product at the end, into φ and λ_0 only (the model learns from L_T alone). Everything reaches the user through
+    one ``loss.backward()``: the precomputed φ-gradients are injected by an autograd function of value zero.
+    """
+
+    def __init__(self, training: Training, *, batch: int, num_steps: int, initial: Params, start: Params) -> None:
+        self.training, self.batch = training, batch
+        self.weights = list(training.step_weights(num_steps, batch))
+        if len(self.weights) != num_steps + 1:
+            raise ValueError(f"step_weights must give num_steps + 1 = {num_steps + 1} weights, got {len(self.weights)}")
+        self.phi = [p for p in training.step_parameters if p.requires_grad]
+        self.initial, self.start = initial, start
+        self.phi_grads: list[Tensor] | None = None
+        self.through_steps: Tensor | None = None
+        self.graph_terms: list[Tensor] = []
+
+    def observe(self, t: int, params: Params, grads: Params) -> None:
+        """Takes step t's terms: λ_t (with its graph) and ∇_λ L_t (zero on unhealthy rows)."""
+        grads = detach(grads)
+        if t == 0:
+            if self.training.encoder_weight and any(p.requires_grad for p in self.initial.values()):
+                scale = self.training.encoder_weight / self.batch
+                self.graph_terms.append(-scale * sum((g * self.initial[n]).sum() for n, g in grads.items()))
+            return
+        weight = self.weights[t]
+        if weight == 0 or not any(p.requires_grad for p in params.values()):
+            return
+        if self.training.backprop_through_steps:
+            term = -weight * sum((g * params[n]).sum() for n, g in grads.items())
+            self.through_steps = term if self.through_steps is None else self.through_steps + term
+            return
+        if not self.phi:
+            return
+        names = list(grads)
+        step_grads = torch.autograd.grad([params[n] for n in names], self.phi,
+                                         grad_outputs=[-weight * grads[n] for n in names], allow_unused=True)
+        self._add_phi_grads(step_grads)
+
+    def _add_phi_grads(self, grads: Sequence[Tensor | None]) -> None:
+        full = [torch.zeros_like(p) if g is None else g for p, g in zip(self.phi, grads, strict=True)]
+        self.phi_grads = full if self.phi_grads is None else [a + g for a, g in zip(self.phi_grads, full, strict=True)]
+
+    def observe_final(self, values: Tensor, healthy: Tensor, refit: Callable[[Tensor], Tensor]) -> None:
+        """The model's term: −L_T over the healthy rows (``refit(rows)`` re-evaluates them alone)."""
+        if not values.requires_grad or not bool(healthy.any()):
+            return
+        # A non-finite row would turn 0 · inf into NaN in the backward: re-evaluate the healthy rows alone.
+        self.graph_terms.append(-(values if bool(healthy.all()) else refit(healthy)).mean())
+
+    def finish(self, elbo: Tensor, healthy: Tensor) -> Tensor:
+        """The scalar loss: the value ℒ with every gradient term attached."""
+        weights = elbo.new_tensor(self.weights[:len(elbo)])
+        per_step = -torch.where(healthy, elbo, 0.0).sum(1) * self.batch / healthy.sum(1).clamp(min=1)
+        value = (weights * per_step).sum()
+        self._backprop_through_steps()
+        graph = list(self.graph_terms)
+        if self.phi_grads is not None:
+            graph.append(_GradientInjection.apply(self.phi_grads, *self.phi))
+        if not graph:
+            return value
+        attached = sum(graph[1:], graph[0])
+        return value + (attached - attached.detach())
+
+    def _backprop_through_steps(self) -> None:
+        if self.through_steps is None or not self.through_steps.requires_grad:
+            return
+        starts = [n for n, p in self.start.items() if p.requires_grad]
+        grads = torch.autograd.grad(self.through_steps, [*self.phi, *(self.start[n] for n in starts)],
+                                    allow_unused=True)
+        if self.phi:
+            self._add_phi_grads(grads[:len(self.phi)])
+        through = [(n, g) for n, g in zip(starts, grads[len(self.phi):], strict=True) if g is not None]
+        if through:
+            self.graph_terms.append(sum((g * self.initial[n]).sum() for n, g in through))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """What a refinement run returns.
+
+    Attributes:
+        params: λ_T (keeping its graph to the step's parameters when a training run left it one).
+        elbo: ``[T + 1, B]`` (``[T, B]`` without the final evaluation) ELBOs L_0, …, L_T.
+        grad_norm: per-example ‖∇_λ L_t‖ at every evaluated step, like ``elbo``.
+        healthy: whether each example's ELBO and gradient were finite at each step, like ``elbo``.
+        params_history: λ_0, …, λ_T detached, when asked for.
+        loss: the training loss (:class:`TrainingLoss`); its value alone, without a graph, at test time.
+    """
+
+    params: Params
+    elbo: Tensor
+    grad_norm: Tensor
+    healthy: Tensor
+    params_history: list[Params] | None
+    loss: Tensor
+
+
+def _stack(values: list[Tensor], batch: int, like: Tensor) -> Tensor:
+    return torch.stack(values) if values else like.new_zeros(0, batch)
+
+
+def refine(
+    step: Step,
+    initial: Params,
+    x: Tensor,
+    *,
+    objective: Objective,
+    num_steps: int,
+    noise: Callable[[int], Tensor],
+    training: Training | None = None,
+    train: bool = False,
+    on_nonfinite: str = "warn",
+    record_params: bool = False,
+    evaluate_last: bool = True,
+) -> Trajectory:
+    """Runs ``num_steps`` refinement steps from λ_0 = ``initial`` (see the module docstring).
+
+    Args:
+        step: the method's step.
+        initial: λ_0, a dict of ``[B, D]`` tensors; it keeps its graph to a trainable encoder.
+        x: the data ``[B, *event]``.
+        objective: the model, family and latent layout whose ELBO is ascended.
+        num_steps: T.
+        noise: ``t -> ε_t`` ``[S, B, D]``, called once per evaluated step, in order.
+        training: how the method learns (default: :class:`Training`'s defaults); its step weights also give the
+            loss value at test time.
+        train: build the training loss (else: test time, no graph).
+        on_nonfinite: ``"warn"`` or ``"raise"`` when some examples' ELBO or gradient is not finite.
+        record_params: keep λ_t of every step in ``params_history``.
+        evaluate_last: evaluate L_T (False when the caller scores λ_T itself, as a Pyro ELBO does).
+
+    Returns:
+        The :class:`Trajectory`.
+    """
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    batch = x.shape[0]
+    training = Training() if training is None else training
+    through_steps = train and training.backprop_through_steps
+    second_order = train and training.second_order
+    trains_initial = train and any(p.requires_grad for p in initial.values())
+    params = {n: p.detach().requires_grad_(through_steps and trains_initial) for n, p in initial.items()}
+    loss = TrainingLoss(training, batch=batch, num_steps=num_steps, initial=initial, start=params)
+    elbos: list[Tensor] = []
+    norms: list[Tensor] = []
+    health: list[Tensor] = []
+    history: list[Params] | None = [] if record_params else None
+    state: Any = None
+    for t in range(num_steps + 1):
+        last = t == num_steps
+        if last and not evaluate_last:
+            break
+        eps = noise(t)
+        lam = params if second_order and not last else detach(params)
+        with torch.set_grad_enabled(train and (last or second_order)), full_precision(x):
+            values, grads = objective.elbo_and_grad(lam, x, eps)
+        healthy = torch.isfinite(values.detach())
+        for g in grads.values():
+            healthy = healthy & torch.isfinite(g.detach()).all(-1)
+        elbos.append(values.detach())
+        norms.append(torch.sqrt(sum(g.detach().square().sum(-1) for g in grads.values())))  # type: ignore[arg-type]
+        health.append(healthy)
+        if history is not None:
+            history.append(detach(params))
+        grads = {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}
+        if train:
+            loss.observe(t, params, grads)
+        if last:
+            if train:
+                def refit(rows: Tensor, lam: Params = lam, eps: Tensor = eps) -> Tensor:
+                    with full_precision(x):
+                        return objective.elbo({n: v[rows] for n, v in lam.items()}, x[rows], eps[:, rows])
+                loss.observe_final(values, healthy, refit)
+            break
+        base = params if through_steps else lam
+        context = StepContext(x=x, params=base, grads=grads if second_order else detach(grads), elbo=values,
+                              healthy=healthy, t=t, noise=eps, objective=objective)
+        with torch.set_grad_enabled(train):
+            proposal, state = step(context, state)
+            proposal = objective.family.constrain(proposal)
+            # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing).
+            params = {n: torch.where(healthy[:, None], proposal[n].to(v.dtype), v) for n, v in base.items()}
+    elbo, healthy_steps = _stack(elbos, batch, x), _stack(health, batch, x).bool()
+    _report_unhealthy(healthy_steps, on_nonfinite)
+    return Trajectory(params=params, elbo=elbo, grad_norm=_stack(norms, batch, x), healthy=healthy_steps,
+                      params_history=history, loss=loss.finish(elbo, healthy_steps))
+
+
+def _report_unhealthy(healthy: Tensor, on_nonfinite: str) -> None:
+    bad = (~healthy.all(0)).nonzero().flatten() if len(healthy) else healthy.new_zeros(0)
+    if bad.numel() == 0:
+        return
+    shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.numel() > 10 else "")
+    message = (
+        f"{bad.numel()} of {healthy.shape[1]} examples had a non-finite ELBO or λ-gradient (examples {shown}); their "
+        "λ was kept at its last finite value and they were left out of the loss. Their entries in "
+        "result.elbo are not finite. Check the model for overflow (e.g. unbounded decoder outputs)."
+    )
+    if on_nonfinite == "raise":
+        raise FloatingPointError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=5)

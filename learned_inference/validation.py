@@ -1,0 +1,62 @@
+"""Small input checks shared by every method: each raises an error that names the argument, the cause and the fix.
+
+Example:
+    >>> check_int("num_steps", 3, minimum=0)
+    3
+    >>> check_int("num_steps", -1, minimum=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_steps must be an int >= 0, got -1
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_data", "check_int", "check_placement"]
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Returns ``value`` if it is an int >= ``minimum``, else raises a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_data(x: object) -> Tensor:
+    """Returns ``x`` if it is a non-empty, finite, floating-point batch ``[B, *event]``; else raises, naming why."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
+        raise ValueError(
+            f"x contains NaN or infinite values in {bad.numel()} example(s) (first: {bad[:5].tolist()}); "
+            "clean or drop them before inference"
+        )
+    return x
+
+
+def check_placement(x: Tensor, owners: dict[str, object]) -> None:
+    """x and every owner's floating-point parameters share device and dtype (nothing is moved silently).
+
+    Args:
+        x: the data.
+        owners: ``{"the model": model, "the inference method": method}``; owners that are not modules are skipped.
+    """
+    for owner, module in owners.items():
+        parameters = module.parameters() if isinstance(module, nn.Module) else iter(())
+        first = next((p for p in parameters if p.is_floating_point()), None)
+        if first is None:
+            continue
+        if first.device != x.device:
+            raise ValueError(f"x is on {x.device} but {owner}'s parameters are on {first.device}; move one of "
+                             f"them (e.g. x.to({str(first.device)!r}))")
+        if first.dtype != x.dtype:
+            what = "model" if owner == "the model" else "inference"
+            raise ValueError(f"x has dtype {x.dtype} but {owner}'s parameters are {first.dtype}; convert one "
+                             f"of them (e.g. {what}.to({x.dtype}) or x.to({first.dtype}))")
