@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learned_inference import IterativeInferenceOptimizer, StandardEncoder
+from learned_inference import HighwayMLP, IterativeInferenceOptimizer, PerVariableNetwork, StandardEncoder
 from learned_inference.evaluation import importance_weighted_log_marginal
 from learned_inference.zoo import BottomUpEncoder, TwoLevelVAE
 
@@ -49,8 +49,9 @@ def build(variant: str, model: TwoLevelVAE, num_steps: int) -> torch.nn.Module:
     if variant == "standard":
         return StandardEncoder(model, latent_dim=model.latent_dim, init=BottomUpEncoder())
     return IterativeInferenceOptimizer(
-        model, latent_dim=model.latent_dim, num_steps=num_steps, per_variable_networks=True,
-        hidden_size={"z1": 512, "z2": 256}, encoding=("gradient", "hierarchical_errors", "data", "params"),
+        model, latent_dim=model.latent_dim, num_steps=num_steps,
+        network=PerVariableNetwork({"z1": HighwayMLP(hidden_size=512), "z2": HighwayMLP(hidden_size=256)}),
+        encoding=("gradient", "hierarchical_errors", "data", "params"),
     )
 
 

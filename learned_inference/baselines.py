@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -324,17 +324,22 @@ class GradientEStep(_GradientRefinement):
         self.lr = lr
         self.optimizer_options = dict(optimizer_options or {})
         try:  # validate lr and the options now rather than at the first step
-            optimizer([torch.zeros(1, requires_grad=True)], lr=lr, **self.optimizer_options)
+            self._build_optimizer([torch.zeros(1, requires_grad=True)])
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"lr={lr!r} and optimizer_options={self.optimizer_options!r} are not valid for "
                 f"{optimizer.__name__}: {error}"
             ) from error
 
+    def _build_optimizer(self, tensors: list[Tensor]) -> torch.optim.Optimizer:
+        # torch.optim.Optimizer's own signature has no lr; its subclasses take it
+        build = cast(Callable[..., torch.optim.Optimizer], self.optimizer)
+        return build(tensors, lr=self.lr, **self.optimizer_options)
+
     def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
         if state is None:
             leaves = {name: value.detach().clone() for name, value in params.items()}
-            state = leaves, self.optimizer(list(leaves.values()), lr=self.lr, **self.optimizer_options)
+            state = leaves, self._build_optimizer(list(leaves.values()))
         leaves, optimizer = state
         with torch.no_grad():
             for name, leaf in leaves.items():

@@ -27,7 +27,9 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -61,18 +63,19 @@ class BlockDistribution(Distribution):
     def has_rsample(self) -> bool:  # type: ignore[override]
         return all(part.has_rsample for part in self.parts.values())
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
-        return torch.cat([part.rsample(sample_shape) for part in self.parts.values()], -1)
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> Tensor:  # noqa: B008
+        return torch.cat([part.rsample(torch.Size(sample_shape)) for part in self.parts.values()], -1)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
-        return torch.cat([part.sample(sample_shape) for part in self.parts.values()], -1)
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> Tensor:  # noqa: B008
+        return torch.cat([part.sample(torch.Size(sample_shape)) for part in self.parts.values()], -1)
 
     def log_prob(self, value: Tensor) -> Tensor:
         pieces = self.space.split(value)
-        return sum(part.log_prob(pieces[v]) for v, part in self.parts.items())  # type: ignore[index, return-value]
+        assert isinstance(pieces, dict)  # several variables
+        return reduce(operator.add, [part.log_prob(pieces[v]) for v, part in self.parts.items()])
 
     def entropy(self) -> Tensor:
-        return sum(part.entropy() for part in self.parts.values())  # type: ignore[return-value]
+        return reduce(operator.add, [part.entropy() for part in self.parts.values()])
 
     @property
     def mean(self) -> Tensor:
@@ -106,8 +109,8 @@ class BlockFamily(Family):
 
     def blocks(self, params: Params) -> dict[str, Params]:
         """The flat λ split per variable: ``{name: {param: [B, D_name]}}``."""
-        pieces = {p: self.space.split(value) for p, value in params.items()}
-        return {v: {p: pieces[p][v] for p in params} for v in self.families}  # type: ignore[index]
+        pieces = {p: self._pieces(value) for p, value in params.items()}
+        return {v: {p: pieces[p][v] for p in params} for v in self.families}
 
     def _concat(self, blocks: Mapping[str, Params]) -> Params:
         return {p: torch.cat([blocks[v][p] for v in self.families], -1) for p in self.param_names}
@@ -118,18 +121,24 @@ class BlockFamily(Family):
         return self._concat({v: f.initial_params(batch, self.space.sizes[v], dtype=dtype, device=device)
                              for v, f in self.families.items()})
 
+    def _pieces(self, flat: Tensor) -> dict[str, Tensor]:
+        pieces = self.space.split(flat)
+        assert isinstance(pieces, dict)  # the space names several variables (checked at construction)
+        return pieces
+
     def sample(self, params: Params, noise: Tensor) -> Tensor:
-        blocks, noises = self.blocks(params), self.space.split(noise)
-        return torch.cat([f.sample(blocks[v], noises[v]) for v, f in self.families.items()], -1)  # type: ignore[index]
+        blocks, noises = self.blocks(params), self._pieces(noise)
+        return torch.cat([f.sample(blocks[v], noises[v]) for v, f in self.families.items()], -1)
 
     def entropy(self, params: Params) -> Tensor:
         blocks = self.blocks(params)
-        return sum(f.entropy(blocks[v]) for v, f in self.families.items())  # type: ignore[return-value]
+        return reduce(operator.add, [f.entropy(blocks[v]) for v, f in self.families.items()])
 
     def kl_divergence(self, params: Params, prior_loc: Tensor, prior_var: Tensor) -> Tensor | None:
-        blocks, locs, variances = self.blocks(params), self.space.split(prior_loc), self.space.split(prior_var)
-        kls = [f.kl_divergence(blocks[v], locs[v], variances[v]) for v, f in self.families.items()]  # type: ignore[index]
-        return None if any(kl is None for kl in kls) else sum(kls)  # type: ignore[return-value]
+        blocks, locs, variances = self.blocks(params), self._pieces(prior_loc), self._pieces(prior_var)
+        kls = [f.kl_divergence(blocks[v], locs[v], variances[v]) for v, f in self.families.items()]
+        present = [kl for kl in kls if kl is not None]
+        return reduce(operator.add, present) if len(present) == len(kls) else None
 
     def constrain(self, params: Params) -> Params:
         blocks = self.blocks(params)

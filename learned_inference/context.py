@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import reduce
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from learned_inference.errors import observation_errors, precision_weighted_errors
 from learned_inference.families import Params
+from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.objectives import Objective, prior_moments
 
 __all__ = ["StepContext", "full_precision"]
@@ -79,7 +81,7 @@ class StepContext:
     @property
     def grad_norm(self) -> Tensor:
         """Per-example norm ‖∇_λ L_t‖ over all of ``grads``, ``[B]`` (differentiable when ``grads`` are)."""
-        return torch.sqrt(sum(g.square().sum(-1) for g in self.grads.values()))  # type: ignore[arg-type]
+        return torch.sqrt(reduce(torch.add, [g.square().sum(-1) for g in self.grads.values()]))
 
     def restrict(self, variable: str) -> StepContext:
         """The view of one latent variable: ``params`` and ``grads`` restricted to its block of λ."""
@@ -125,7 +127,12 @@ class StepContext:
             objective = root.objective
             with torch.no_grad(), full_precision(root.x):
                 z = objective.space.split(self._samples())
-                errors = precision_weighted_errors(objective.model, root.x, z)  # type: ignore[arg-type]
+                model = objective.model
+                if not isinstance(z, dict) or not isinstance(model, HierarchicalModel):
+                    raise ValueError("the hierarchical errors need a model with conditionals(z) and latent_dim as a "
+                                     "dict of sizes, listed bottom-up (see learned_inference.hierarchical)")
+                errors = precision_weighted_errors(model, root.x, z)
             root._cache["levels"] = {k: _mask_rows(root.healthy, e) for k, e in errors.items()}
-        return root._cache["levels"]  # type: ignore[no-any-return]
+        levels: dict[str, Tensor] = root._cache["levels"]
+        return levels
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any, Protocol
 
 import torch
@@ -102,16 +103,21 @@ class Training:
             raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
 
 
+def _inner(cotangents: Params, params: Params) -> Tensor:
+    """Σ_n ⟨cotangent_n, λ_n⟩ over λ's parameters (summed over the batch)."""
+    return reduce(torch.add, [(g * params[n]).sum() for n, g in cotangents.items()])
+
+
 class _GradientInjection(torch.autograd.Function):
     """A zero scalar whose backward hands precomputed gradients (scaled by the incoming one) to parameters."""
 
     @staticmethod
-    def forward(ctx: Any, grads: Sequence[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, grads: Sequence[Tensor], *params: Tensor) -> Tensor:
         ctx.grads = grads
         return params[0].new_zeros(())
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         return (None, *(grad_output * g for g in ctx.grads))
 
 
@@ -151,13 +157,13 @@ class TrainingLoss:
         if t == 0:
             if self.training.encoder_weight and any(p.requires_grad for p in self.initial.values()):
                 scale = self.training.encoder_weight / self.batch
-                self.graph_terms.append(-scale * sum((g * self.initial[n]).sum() for n, g in grads.items()))
+                self.graph_terms.append(-scale * _inner(grads, self.initial))
             return
         weight = self.weights[t]
         if weight == 0 or not any(p.requires_grad for p in params.values()):
             return
         if self.training.backprop_through_steps:
-            term = -weight * sum((g * params[n]).sum() for n, g in grads.items())
+            term = -weight * _inner(grads, params)
             self.through_steps = term if self.through_steps is None else self.through_steps + term
             return
         if not self.phi:
@@ -202,7 +208,7 @@ class TrainingLoss:
             self._add_phi_grads(grads[:len(self.phi)])
         through = [(n, g) for n, g in zip(starts, grads[len(self.phi):], strict=True) if g is not None]
         if through:
-            self.graph_terms.append(sum((g * self.initial[n]).sum() for n, g in through))  # type: ignore[arg-type]
+            self.graph_terms.append(_inner(dict(through), self.initial))
 
 
 @dataclass(frozen=True)
@@ -289,7 +295,7 @@ def refine(
         for g in grads.values():
             healthy = healthy & torch.isfinite(g.detach()).all(-1)
         elbos.append(values.detach())
-        norms.append(torch.sqrt(sum(g.detach().square().sum(-1) for g in grads.values())))  # type: ignore[arg-type]
+        norms.append(torch.sqrt(reduce(torch.add, [g.detach().square().sum(-1) for g in grads.values()])))
         health.append(healthy)
         if history is not None:
             history.append(detach(params))

@@ -60,7 +60,7 @@ class Dirac(Distribution):
     def variance(self) -> Tensor:
         return torch.zeros_like(self.loc)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> Tensor:  # noqa: B008
         return self.loc.expand(*sample_shape, *self.loc.shape)
 
     def log_prob(self, value: Tensor) -> Tensor:

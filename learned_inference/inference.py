@@ -119,7 +119,7 @@ class InferenceMethod(nn.Module):
     @property
     def model(self) -> LatentModel:
         """The user's model (not a submodule)."""
-        return self._model  # type: ignore[no-any-return]
+        return self.__dict__["_model"]
 
     # -- the method: λ_0, one step, and how it learns ------------------------------------------------------------
 

@@ -49,7 +49,7 @@ Latents = Tensor | dict[str, Tensor]
 class LatentModel(Protocol):
     """Anything with ``log_joint(x, z)`` returning one log p(x, z) per example.
 
-    ``z`` is a tensor for a single latent variable and a dict of tensors (:data:`Latents`) for several; which one
+    ``z`` is a tensor for a single latent variable and a dict of tensors (``Latents``) for several; which one
     is set by ``latent_dim`` at run time, so ``z`` is typed ``Any`` here: a model typed ``z: Tensor``,
     ``z: dict[str, Tensor]`` or ``z: Latents`` is a ``LatentModel`` alike.
     """

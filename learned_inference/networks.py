@@ -45,7 +45,7 @@ __all__ = [
 State = tuple[Tensor, ...] | None
 
 
-def _input_layer(hidden_size: int, input_size: int | None) -> nn.Module:
+def _input_layer(hidden_size: int, input_size: int | None) -> nn.Linear:
     return nn.LazyLinear(hidden_size) if input_size is None else nn.Linear(input_size, hidden_size)
 
 
@@ -72,7 +72,7 @@ class UpdateNetwork(nn.Module):
 
     recurrent: bool = False
     hidden_size: int
-    input: nn.Module
+    input: nn.Linear
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,14 +91,14 @@ class UpdateNetwork(nn.Module):
         """Sizes a lazy input layer for ``input_size`` features (its weights are drawn now); checks a sized one."""
         check_int("input_size", input_size, minimum=1)
         if self.is_sized:
-            expected = self.input.weight.shape[1]  # type: ignore[union-attr]
+            expected = self.input.weight.shape[1]
             if expected != input_size:
                 raise ValueError(f"the update network's input layer takes {expected} features, but the encoding "
                                  f"gives {input_size}: was it built or loaded for other data or another encoding?")
             return
+        weight = self.input.weight
         with torch.no_grad():
-            self.input(torch.empty(0, input_size, dtype=self.input.weight.dtype,  # type: ignore[union-attr]
-                                   device=self.input.weight.device))  # type: ignore[union-attr]
+            self.input(torch.empty(0, input_size, dtype=weight.dtype, device=weight.device))
 
     def parts(self) -> dict[str | None, UpdateNetwork]:
         """The networks by the latent variable they update (None: all of λ). A plain network is its only part."""

@@ -85,11 +85,14 @@ def _build_update(update: str | Update, network: UpdateNetwork, family: Family, 
     """The update heads for every part of the network."""
     parts = network.parts()
     if isinstance(update, Update):
-        dim = space.total_dim
-        if None not in parts or (update.hidden_size, update.dim) != (parts[None].hidden_size, dim):
-            raise ValueError(f"update must read the network's {parts.get(None, network).hidden_size} outputs and "
-                             f"update {dim} latent dimensions for one network over all of λ; pass a name "
-                             "('gated', 'residual') to build heads for other networks")
+        if None not in parts:
+            raise ValueError("update must be a name ('gated', 'residual') for a per-variable network: pass a name "
+                             "to build heads for every variable")
+        expected = (parts[None].hidden_size, space.total_dim)
+        if (update.hidden_size, update.dim) != expected:
+            raise ValueError(f"update must read the network's {expected[0]} outputs and update {expected[1]} latent "
+                             f"dimensions, got hidden_size={update.hidden_size}, dim={update.dim}; pass a name "
+                             "('gated', 'residual') to build matching heads")
         return update
     heads = {v: make_update(update, family.param_names, hidden_size=net.hidden_size,
                             dim=space.total_dim if v is None else space.sizes[v]) for v, net in parts.items()}

@@ -80,8 +80,14 @@ class PerVariableUpdate(Update):
         return {name: self.get_submodule(name) for name in self.names}  # type: ignore[misc]
 
 
-def _heads(names: Sequence[str], hidden_size: int, dim: int) -> nn.ModuleDict:
-    return nn.ModuleDict({name: nn.Linear(hidden_size, dim) for name in names})
+def _heads(names: Sequence[str], hidden_size: int, dim: int, *, init_scale: float | None = None) -> nn.ModuleDict:
+    """One linear head per parameter of λ; with ``init_scale``, weights N(0, init_scale²) and zero biases."""
+    heads = {name: nn.Linear(hidden_size, dim) for name in names}
+    if init_scale is not None:
+        for head in heads.values():
+            nn.init.normal_(head.weight, std=init_scale)
+            nn.init.zeros_(head.bias)
+    return nn.ModuleDict(heads)
 
 
 class GatedUpdate(Update):
@@ -119,10 +125,7 @@ class ResidualUpdate(Update):
     def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int, init_scale: float = 1e-3) -> None:
         super().__init__()
         self.hidden_size, self.dim = hidden_size, dim
-        self.deltas = _heads(param_names, hidden_size, dim)
-        for head in self.deltas.values():
-            nn.init.normal_(head.weight, std=init_scale)
-            nn.init.zeros_(head.bias)
+        self.deltas = _heads(param_names, hidden_size, dim, init_scale=init_scale)
 
     def forward(self, hidden: Tensor, params: Params) -> Params:
         return {name: residual_update(value, self.deltas[name](hidden)) for name, value in params.items()}

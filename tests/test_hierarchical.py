@@ -9,12 +9,14 @@ from hypothesis import strategies as st
 
 from learned_inference import GradientEStep, IterativeInferenceOptimizer, StandardEncoder
 from learned_inference.block_family import BlockFamily
-from learned_inference.encodings import EncodingInputs, HierarchicalErrors
+from learned_inference.context import StepContext
+from learned_inference.encodings import FeatureShapes, HierarchicalErrors
+from learned_inference.errors import precision_weighted_errors
 from learned_inference.families import DiagonalGaussian
-from learned_inference.hierarchical import precision_weighted_errors
 from learned_inference.model import LatentSpace
 from learned_inference.networks import HighwayMLP
-from learned_inference.objectives import elbo_and_grad
+from learned_inference.objectives import Objective, elbo_and_grad
+from learned_inference.updates import GatedUpdate
 from learned_inference.zoo import BottomUpEncoder, LinearGaussianHierarchy, ProbabilisticPCA, TwoLevelVAE
 from tests.conftest import train_update_network
 
@@ -67,20 +69,34 @@ def test_errors_name_the_missing_levels():
 
 
 def test_hierarchical_errors_give_each_variable_its_bottom_up_and_top_down_error():
-    errors = {"x": torch.full((2, 4), 1.0), "z1": torch.full((2, 3), 2.0), "z2": torch.full((2, 1), 3.0)}
+    model = _model()
+    space = LatentSpace(model.latent_dim)
+    objective = Objective(model, DiagonalGaussian(), space)
+    x, params = model.sample(B), _random_params(B)
+    noise = torch.randn(2, B, sum(DIMS), dtype=torch.float64)
+    values, grads = objective.elbo_and_grad(params, x, noise)
+    context = StepContext(x=x, params=params, grads=grads, elbo=values, healthy=torch.ones(B, dtype=torch.bool),
+                          t=0, noise=noise, objective=objective)
+    z = space.split(DiagonalGaussian().sample(params, noise))
+    errors = precision_weighted_errors(model, x, z)
+    assert all(torch.equal(context.level_errors[k], errors[k]) for k in errors)
     raw = HierarchicalErrors(log_sign=False)
-    inputs = EncodingInputs(grads={}, params={}, x=torch.zeros(2, 4), level_errors=errors)
-    assert raw(inputs)[0].tolist() == [1.0] * 4 + [2.0] * 3 + [3.0]
-    assert raw(EncodingInputs(**{**vars(inputs), "variable": "z1"}))[0].tolist() == [1.0] * 4 + [2.0] * 3
-    assert raw(EncodingInputs(**{**vars(inputs), "variable": "z2"}))[0].tolist() == [2.0] * 3 + [3.0]
-    encoded = HierarchicalErrors()(EncodingInputs(**{**vars(inputs), "variable": "z2"}))
-    torch.testing.assert_close(encoded[0, :4], 0.1 * torch.log(torch.tensor([2.0, 2.0, 2.0, 3.0]) + 1e-8))
+    torch.testing.assert_close(raw(context), torch.cat([errors["x"], errors["z1"], errors["z2"]], -1))
+    torch.testing.assert_close(raw(context.restrict("z1")), torch.cat([errors["x"], errors["z1"]], -1))
+    torch.testing.assert_close(raw(context.restrict("z2")), torch.cat([errors["z1"], errors["z2"]], -1))
+    encoded = HierarchicalErrors()(context.restrict("z2"))
+    torch.testing.assert_close(encoded[:, :3], 0.1 * torch.log(errors["z1"].abs() + 1e-8))
+    levels = {"x": X, "z1": 3, "z2": 2}
+    for variable, size in ((None, X + 5), ("z1", X + 3), ("z2", 5)):
+        shapes = FeatureShapes(data=X, params={"loc": 1}, levels=levels, variable=variable)
+        assert raw.num_features(shapes) == size and HierarchicalErrors().num_features(shapes) == 2 * size
     with pytest.raises(ValueError, match="variable must be one of"):
-        raw(EncodingInputs(**{**vars(inputs), "variable": "x"}))
+        raw.num_features(FeatureShapes(data=X, params={"loc": 1}, levels=levels, variable="x"))
 
 
 def _optimizer(model, **options):
-    options = {"latent_dim": model.latent_dim, "num_steps": 2, "hidden_size": 16, "per_variable_networks": True,
+    options = {"latent_dim": model.latent_dim, "num_steps": 2, "hidden_size": 16,
+               "network": {"z1": "highway", "z2": "highway"},
                "encoding": ("gradient", "hierarchical_errors", "data", "params"), **options}
     return IterativeInferenceOptimizer(model, **options).double()
 
@@ -110,7 +126,7 @@ def test_each_variable_is_updated_by_its_own_network():
     before = inference.infer(x, noise=noise).params
     assert any(key.startswith("network.z2.") for key in inference.state_dict())
     with torch.no_grad():
-        for p in inference.network["z2"].parameters():
+        for p in inference.network.parts()["z2"].parameters():
             p.add_(1.0)
     after = inference.infer(x, noise=noise).params
     torch.testing.assert_close(after["z1"]["loc"], before["z1"]["loc"])
@@ -123,7 +139,7 @@ def test_per_variable_families_apply_their_own_constraints():
     inference = _optimizer(model, family=families, num_steps=1)
     assert isinstance(inference.family, BlockFamily)
     with torch.no_grad():  # every update sets log σ² to 3 (gate g ≈ 0, target bias 3)
-        for heads in inference.update.values():
+        for heads in inference.update.parts().values():
             heads.gates["log_var"].bias.fill_(-50.0)
             heads.targets["log_var"].weight.zero_()
             heads.targets["log_var"].bias.fill_(3.0)
@@ -135,10 +151,10 @@ def test_per_variable_families_apply_their_own_constraints():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"latent_dim": 5}, "per_variable_networks=True needs latent_dim as a dict"),
-        ({"per_variable_networks": False, "hidden_size": {"z1": 4, "z2": 4}}, "may be dicts only with"),
-        ({"hidden_size": {"z1": 4}}, r"hidden_size must have one entry per latent variable \['z1', 'z2'\]"),
-        ({"network": "an instance"}, "network must be a name or a dict"),
+        ({"latent_dim": 5}, r"needs one network per latent variable \(latent_dim as a dict\)"),
+        ({"network": {"z1": "highway"}}, r"needs one network per latent variable \['z1', 'z2'\], got \['z1'\]"),
+        ({"network": "an instance"}, "this network is already built: leave them out"),
+        ({"update": "an instance"}, "pass a name"),
         ({"family": {"z1": "diagonal_gaussian", "z2": "delta"}}, "must share their parameter names"),
         ({"family": {"z1": "delta"}}, "one family per latent variable"),
     ],
@@ -147,6 +163,8 @@ def test_bad_per_variable_options_name_the_argument(options, message):
     model = _model()
     if options.get("network") == "an instance":
         options = {"network": HighwayMLP(hidden_size=4)}
+    if options.get("update") == "an instance":
+        options = {"update": GatedUpdate(("loc", "log_var"), hidden_size=16, dim=5)}
     if options.get("latent_dim") == 5:
         options = {**options, "encoding": "gradient"}
     with pytest.raises(ValueError, match=message):
@@ -178,8 +196,8 @@ def test_linear_hierarchy_reference_quantities_agree():
 def test_two_level_vae_trains_with_both_inference_models():
     model = TwoLevelVAE(data_dim=20, latent_dims=(4, 2), hidden_sizes=(16, 8))
     x = torch.bernoulli(torch.full((6, 20), 0.3))
-    iterative = IterativeInferenceOptimizer(model, latent_dim=model.latent_dim, num_steps=2, per_variable_networks=True,
-                                            hidden_size={"z1": 16, "z2": 8},
+    networks = {"z1": HighwayMLP(hidden_size=16), "z2": HighwayMLP(hidden_size=8)}
+    iterative = IterativeInferenceOptimizer(model, latent_dim=model.latent_dim, num_steps=2, network=networks,
                                             encoding=("gradient", "hierarchical_errors", "data"))
     standard = StandardEncoder(model, latent_dim=model.latent_dim, init=BottomUpEncoder(latent_dims=(4, 2),
                                                                                         hidden_sizes=(16, 8)))

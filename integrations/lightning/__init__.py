@@ -4,6 +4,6 @@ Example:
     >>> from learned_inference.integrations.lightning import IterativeInferenceModule
 """
 
-from learned_inference.integrations.lightning.module import IterativeInferenceModule, batch_data
+from .module import IterativeInferenceModule, batch_data
 
 __all__ = ["IterativeInferenceModule", "batch_data"]

@@ -91,7 +91,7 @@ class IterativeInferenceModule(LightningModule):
 
     def forward(self, x: Tensor) -> InferenceResult:
         """Runs the training-mode refinement (``inference(x)``)."""
-        return self.joint(x)  # type: ignore[no-any-return]
+        return self.joint(x)
 
     def batch_data(self, batch: Any) -> Tensor:
         """The data x of a batch; see :func:`batch_data`. Override for other batch layouts."""

@@ -87,6 +87,7 @@ class RefinementLossMixin:
 
     def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
         with _Collector() as collector:
+            # a mixin: super() is the Pyro ELBO it is mixed into, unknown to the type checker
             model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)  # type: ignore[misc]
         if collector.losses:
             guide_trace.add_node(REFINEMENT_LOSS, name=REFINEMENT_LOSS, type=REFINEMENT_LOSS,
@@ -94,9 +95,11 @@ class RefinementLossMixin:
         return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace) -> tuple[Any, Any]:
+        # a mixin, as above
         loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)  # type: ignore[misc]
         if REFINEMENT_LOSS in guide_trace.nodes:
             extra = guide_trace.nodes[REFINEMENT_LOSS]["value"]
+            assert extra is not None  # a tensor: _get_trace adds the node with value R
             surrogate = surrogate + (extra - extra.detach())
         return loss, surrogate
 

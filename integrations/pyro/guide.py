@@ -13,7 +13,9 @@ and applies the learned gated update (paper eq. 62, the core's :mod:`~learned_in
 
     λ_{t+1} = γ_t ⊙ λ_t + (1 − γ_t) ⊙ f_φ(enc(∇_λ L_t, x_i, λ_t)).
 
-The guide then samples from N(μ_T, σ²_T). Global sites (outside the amortized plate) get ordinary AutoNormal
+The steps run on the core's refinement engine (:func:`~learned_inference.engine.refine`: the same learned step,
+non-finite policy and training loss as :class:`~learned_inference.IterativeInferenceOptimizer`). The guide then
+samples from N(μ_T, σ²_T). Global sites (outside the amortized plate) get ordinary AutoNormal
 parameters and are sampled first, so the refinement is conditioned on them. Because λ is a function of the data,
 the guide infers new data without re-fitting.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from typing import Any
 
 import pyro
@@ -36,15 +39,17 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import NonlocalExit, get_plates
 from pyro.poutine.util import site_is_subsample
-from torch import Tensor, nn
+from torch import Tensor
 
-from learned_inference.encodings import DEFAULT_ENCODING, Encoding, EncodingInputs, make_encoding
+from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
+from learned_inference.engine import Training, refine
 from learned_inference.families import DiagonalGaussian, Params
-from learned_inference.inference import check_int
 from learned_inference.model import LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
-from learned_inference.objectives import elbo_and_grad, sample_noise
+from learned_inference.objectives import Objective, sample_noise
+from learned_inference.optimizer import learned_step
 from learned_inference.updates import make_update
+from learned_inference.validation import check_int
 
 from .elbo import record_refinement_loss
 from .layout import LocalLayout, check_continuous, find_amortized_plates, left_shape, local_layout, site_plates
@@ -56,8 +61,16 @@ __all__ = ["AutoIterativeNormal"]
 SUMMARY_SEED = 0
 
 
+def _inner_step_weights(num_steps: int, batch: int, *, scale: float) -> list[float]:
+    """w_t = s for t = 1..T−1 (summed over datapoints, scaled like Pyro's per-datapoint terms), 0 at t = 0 and T:
+    step T is trained through λ_T by the Pyro ELBO itself."""
+    return [0.0] + [scale] * max(num_steps - 1, 0) + [0.0] * min(num_steps, 1)
+
+
 def _plate_indices(plate: pyro.plate) -> Tensor:
     with plate as indices:
+        if indices is None:
+            raise ValueError(f"the amortized plate {plate.name!r} gave no subsample indices")
         return indices
 
 
@@ -143,11 +156,10 @@ class AutoIterativeNormal(AutoGuide):
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
         self.init_loc_fn = init_loc_fn
         self.init_scale = init_scale
-        self._network_options = {
-            "encoding": encoding, "update": update, "network": network,
-            "hidden_size": check_int("hidden_size", hidden_size, minimum=1),
-            "num_layers": check_int("num_layers", num_layers, minimum=1),
-        }
+        self._network = network
+        self._update_name = update
+        self._hidden_size = check_int("hidden_size", hidden_size, minimum=1)
+        self._num_layers = check_int("num_layers", num_layers, minimum=1)
         self.family = DiagonalGaussian()
         self.encoding = make_encoding(encoding)
         self.globals: AutoNormal | None = None
@@ -182,10 +194,8 @@ class AutoIterativeNormal(AutoGuide):
         init_loc = self.layout.init_loc
         self.register_buffer("init_loc", init_loc)
         self.register_buffer("init_log_var", torch.zeros_like(init_loc))
-        options = self._network_options
-        network = make_network(options["network"], hidden_size=options["hidden_size"],
-                               num_layers=options["num_layers"])
-        self.update = make_update(options["update"], self.family.param_names,
+        network = make_network(self._network, hidden_size=self._hidden_size, num_layers=self._num_layers)
+        self.update = make_update(self._update_name, self.family.param_names,
                                   hidden_size=network.hidden_size, dim=self.layout.total_dim)
         self.network = network
 
@@ -210,13 +220,12 @@ class AutoIterativeNormal(AutoGuide):
     def _check_prototype(self, part_trace: Any) -> None:
         """Lets the internal AutoNormal for the global sites set itself up under this guide (as its master)."""
 
-    def _update_network(self, features: Tensor) -> UpdateNetwork:
-        """The network, registered with Pyro; its lazy input layer is sized on ``features`` first, so that Pyro
-        never records an uninitialized parameter."""
-        network = self._modules["network"]  # plain access: no pyro.module statement yet
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in network.parameters()):
-            with torch.no_grad():
-                network(features)
+    def _update_network(self, data_features: int, dim: int) -> UpdateNetwork:
+        """The network, registered with Pyro; its lazy input layer is sized first, so that Pyro never records an
+        uninitialized parameter."""
+        network: UpdateNetwork = self._modules["network"]  # type: ignore[assignment]  # no pyro.module statement yet
+        shapes = FeatureShapes.of(data=data_features, param_names=self.family.param_names, space=LatentSpace(dim))
+        network.materialize(self.encoding.num_features(shapes))
         return self.network
 
     # -- the guide --------------------------------------------------------------------------------------------------
@@ -234,8 +243,10 @@ class AutoIterativeNormal(AutoGuide):
         params = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
         locs = self.layout.split(params["loc"])
         scales = self.layout.split(torch.exp(0.5 * params["log_var"]))
+        trace = self.prototype_trace
+        assert trace is not None  # set up above
         for site in self.layout.sites:
-            frames = self.prototype_trace.nodes[site.name]["cond_indep_stack"]
+            frames = trace.nodes[site.name]["cond_indep_stack"]
             with ExitStack() as stack:
                 for frame in frames:
                     stack.enter_context(plates[frame.name])
@@ -275,24 +286,21 @@ class AutoIterativeNormal(AutoGuide):
         batch, dim = math.prod(left), layout.total_dim
         params = {"loc": self.init_loc.expand(batch, dim), "log_var": self.init_log_var.expand(batch, dim)}
         x = log_joint.observations(params["loc"])
-        space = LatentSpace(dim)
+        network = self._update_network(x.shape[1], dim)
         update = self.update
         train = torch.is_grad_enabled()
-        surrogate = params["loc"].new_zeros(())
-        state = None
-        for t in range(self.num_steps):
-            lam = {name: value.detach() for name, value in params.items()}
-            noise = sample_noise(self.num_samples, batch, dim, dtype=x.dtype, device=x.device, generator=generator)
-            with torch.no_grad():
-                _, grads = elbo_and_grad(log_joint, family, lam, x, noise, space=space)
-            if t > 0 and train:
-                surrogate = surrogate - scale * sum((grads[n] * params[n]).sum() for n in grads)
-            features = self.encoding(EncodingInputs(grads=grads, params=lam, x=x))
-            hidden, state = self._update_network(features)(features, state)
-            params = family.constrain(update(hidden, lam))
-        if train and surrogate.requires_grad:
-            record_refinement_loss(surrogate, name=f"{self._pyro_name}.refinement_loss")
-        return {name: value.reshape(*left, dim) for name, value in params.items()}
+        training = Training(step_parameters=(*network.parameters(), *update.parameters()),
+                            step_weights=partial(_inner_step_weights, scale=scale))
+        run = refine(
+            partial(learned_step, self.encoding, network, update), params, x,
+            objective=Objective(log_joint, family, LatentSpace(dim)), num_steps=self.num_steps,
+            noise=lambda t: sample_noise(self.num_samples, batch, dim, dtype=x.dtype, device=x.device,
+                                         generator=generator),
+            training=training, train=train, evaluate_last=False,
+        )
+        if train and run.loss.requires_grad:
+            record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
+        return {name: value.reshape(*left, dim) for name, value in run.params.items()}
 
     # -- summaries ---------------------------------------------------------------------------------------------------
 

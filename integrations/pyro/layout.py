@@ -29,27 +29,59 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import Transform, biject_to
+from torch.distributions.constraints import Constraint
 
 __all__ = [
     "LocalLayout",
     "LocalSite",
+    "SiteDistribution",
     "check_continuous",
     "find_amortized_plates",
     "left_shape",
     "local_layout",
+    "sample_site",
     "site_plates",
 ]
 
 
-def site_plates(site: dict) -> set[str]:
+class SiteDistribution(Protocol):
+    """What the integration reads from the distribution of a sample site (a Pyro distribution)."""
+
+    @property
+    def support(self) -> Constraint: ...
+
+    @property
+    def batch_shape(self) -> torch.Size: ...
+
+    @property
+    def event_shape(self) -> torch.Size: ...
+
+    @property
+    def event_dim(self) -> int: ...
+
+    def log_prob(self, value: Tensor, *args: Any, **kwargs: Any) -> Tensor: ...
+
+
+def sample_site(site: Message) -> tuple[SiteDistribution, Tensor]:
+    """A sample site's distribution and value.
+
+    Pyro's ``Message`` types ``fn`` as any callable and ``value`` as optional; at a sample site of a trace they
+    are a Pyro distribution and its (sampled or observed) tensor.
+    """
+    return cast(SiteDistribution, site["fn"]), cast(Tensor, site["value"])
+
+
+def site_plates(site: Message) -> set[str]:
     """Names of the vectorized plates a trace site sits in."""
     return {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
 
@@ -57,10 +89,11 @@ def site_plates(site: dict) -> set[str]:
 def check_continuous(trace: Trace) -> None:
     """Raises ``ValueError`` naming the first discrete latent site and how to guide it instead."""
     for name, site in trace.iter_stochastic_nodes():
-        if site["fn"].support.is_discrete:
+        support = sample_site(site)[0].support
+        if support.is_discrete:
             raise ValueError(
                 f"AutoIterativeNormal needs continuous latent sites, but site {name!r} is discrete "
-                f"(support {site['fn'].support}). Guide it with another autoguide and compose them: "
+                f"(support {support}). Guide it with another autoguide and compose them: "
                 "guide = AutoGuideList(model); "
                 f"guide.append(AutoIterativeNormal(poutine.block(model, hide=[{name!r}]))); "
                 f"guide.append(AutoDiscreteParallel(poutine.block(model, expose=[{name!r}]))), "
@@ -183,13 +216,13 @@ def local_layout(trace: Trace, plates: tuple[str, ...]) -> LocalLayout:
     Raises ``ValueError`` if a latent site sits in some but not all of them, or if a local site sits in a plate
     outside the amortized plates that is not itself amortized (its datapoints would not be independent).
     """
-    frames = {
-        frame.name: frame
+    dims = {
+        frame.name: frame.dim
         for _, site in trace.iter_stochastic_nodes()
         for frame in site["cond_indep_stack"]
-        if frame.vectorized
+        if frame.dim is not None  # vectorized
     }
-    plate_dim = max(frames[name].dim for name in plates)
+    plate_dim = max(dims[name] for name in plates)
     sites = []
     for name, site in trace.iter_stochastic_nodes():
         inside = site_plates(site) & set(plates)
@@ -200,23 +233,24 @@ def local_layout(trace: Trace, plates: tuple[str, ...]) -> LocalLayout:
                 f"site {name!r} sits in plates {sorted(inside)} but not in all amortized plates {list(plates)}; "
                 "pass amortized_plates naming the plates every local site shares"
             )
-        outer = [f.name for f in site["cond_indep_stack"] if f.vectorized and f.dim < plate_dim]
+        outer = [f.name for f in site["cond_indep_stack"] if f.dim is not None and f.dim < plate_dim]
         if any(plate not in plates for plate in outer):
             raise ValueError(
                 f"site {name!r} sits in plates {outer} outside the amortized plate at dim {plate_dim}; "
                 f"add them to amortized_plates={(*plates, *(p for p in outer if p not in plates))!r}"
             )
+        fn, value = sample_site(site)
         with helpful_support_errors(site):
-            transform = biject_to(site["fn"].support)
-            u = transform.inv(site["value"].detach())
-        event_dim = site["fn"].event_dim + u.dim() - site["value"].dim()
+            transform = biject_to(fn.support)
+            u = transform.inv(value.detach())
+        event_dim = fn.event_dim + u.dim() - value.dim()
         keep = u.dim() - event_dim + plate_dim + 1
         sites.append(
             LocalSite(
                 name=name,
                 transform=transform,
                 event_dim=event_dim,
-                constrained_event_dim=site["fn"].event_dim,
+                constrained_event_dim=fn.event_dim,
                 inner_shape=tuple(u.shape[keep:]),
                 init_loc=u.reshape(-1, math.prod(u.shape[keep:])).mean(0),
             )
@@ -225,15 +259,25 @@ def local_layout(trace: Trace, plates: tuple[str, ...]) -> LocalLayout:
 
 
 def left_shape(frames: Sequence[CondIndepStackFrame], *, plate_dim: int) -> tuple[int, ...]:
-    """The batch shape from the outermost frame's dim down to ``plate_dim``: sizes where frames are, else 1."""
-    length = max([-plate_dim, *(-frame.dim for frame in frames)]) + plate_dim + 1
+    """The batch shape from the outermost frame's dim down to ``plate_dim``: sizes where frames are, else 1.
+
+    Every frame must be a vectorized plate's (a ``TypeError`` names a sequential one).
+    """
+    dims = [_vectorized_dim(frame) for frame in frames]
+    length = max([-plate_dim, *(-dim for dim in dims)]) + plate_dim + 1
     shape = [1] * length
-    for frame in frames:
-        position = frame.dim + length - plate_dim - 1
+    for frame, dim in zip(frames, dims, strict=True):
+        position = dim + length - plate_dim - 1
         if position >= length:
             raise ValueError(
-                f"plate {frame.name!r} at dim {frame.dim} is inside the amortized plate's dim {plate_dim}; "
+                f"plate {frame.name!r} at dim {dim} is inside the amortized plate's dim {plate_dim}; "
                 "outer plates around the guide must use dims left of the model's plates"
             )
         shape[position] = frame.size
     return tuple(shape)
+
+
+def _vectorized_dim(frame: CondIndepStackFrame) -> int:
+    if frame.dim is None:
+        raise TypeError(f"plate {frame.name!r} is sequential (it has no dim): only vectorized plates have batch dims")
+    return frame.dim

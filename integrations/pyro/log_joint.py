@@ -36,11 +36,12 @@ from typing import Any
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .layout import LocalLayout, site_plates
+from .layout import LocalLayout, sample_site, site_plates
 
 __all__ = ["LocalLogJoint"]
 
@@ -85,7 +86,7 @@ class LocalLogJoint:
             )
         return trace, log_det
 
-    def _plate_sites(self, trace: Trace) -> list[dict]:
+    def _plate_sites(self, trace: Trace) -> list[Message]:
         plates = set(self.layout.plates)
         return [
             site
@@ -97,7 +98,8 @@ class LocalLogJoint:
         """log p(x_i, T(u_i) | globals) + log|det J|, shape ``u.shape[:-1]`` (``x`` is unused: the model has it)."""
         trace, total = self.trace(u)
         for site in self._plate_sites(trace):
-            log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            fn, value = sample_site(site)
+            log_prob = fn.log_prob(value, *site["args"], **site["kwargs"])
             log_prob = scale_and_mask(log_prob, site["scale"] / self.subsample_scale, site["mask"])
             total = total + self.layout.per_datapoint(log_prob)
         return total.reshape(*u.shape[:-1])
@@ -107,14 +109,13 @@ class LocalLogJoint:
         """The observed values inside the amortized plate at ``u``, flattened per datapoint: ``[prod(left), F]``."""
         trace, _ = self.trace(u)
         conditioned = {*self.conditioned, *(site.name for site in self.layout.sites)}
-        features = [
-            self.layout.datapoint_features(
-                site["value"].float().expand(site["fn"].batch_shape + site["fn"].event_shape),
-                event_dim=site["fn"].event_dim,
-            )
-            for site in self._plate_sites(trace)
-            if site["is_observed"] and site["name"] not in conditioned and not site["infer"].get("_deterministic")
-        ]
+        features = []
+        for site in self._plate_sites(trace):
+            if not site["is_observed"] or site["name"] in conditioned or (site["infer"] or {}).get("_deterministic"):
+                continue
+            fn, value = sample_site(site)
+            shape = fn.batch_shape + fn.event_shape
+            features.append(self.layout.datapoint_features(value.float().expand(shape), event_dim=fn.event_dim))
         if not features:
             return u.new_zeros(math.prod(self.left_shape), 0)
         width = [f.shape[-1] for f in features]
