@@ -31,9 +31,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from learned_inference.checkpoint import load_checkpoint, save_checkpoint
-from learned_inference.demo import train_method
 from learned_inference.encodings import Encoding
 from learned_inference.inference import InferenceMethod
+from learned_inference.training import fit
 
 __all__ = [
     "RESULTS",
@@ -209,10 +209,10 @@ def train_resumable(
             print(f"{label}: resumed from {checkpoint} at epoch {start}", file=sys.stderr)
     bar = tqdm(range(start, epochs), desc=f"training {label}", disable=not progress, initial=start, total=epochs)
     for epoch in bar:
-        curves = train_method(method, optim, data, epochs=1, batch_size=batch_size, seed=seed + epoch,
-                              progress=False, label=label, transform=transform)
-        for key, values in curves.items():
-            history.curves[key].extend(values)
+        epoch_history = fit(method, data, epochs=1, optimizer=optim, batch_size=batch_size, seed=seed + epoch,
+                            progress=False, transform=transform)
+        history.curves["train_elbo"].extend(epoch_history.train_elbo)
+        history.curves["seconds"].extend(epoch_history.seconds)
         bar.set_postfix(train_elbo=f"{history.curves['train_elbo'][-1]:.2f}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, step=epoch + 1, **objects)

@@ -53,7 +53,7 @@ from learned_inference.networks import (
 )
 from learned_inference.objectives import Objective, elbo, elbo_and_grad, prior_moments
 from learned_inference.optimizer import IterativeInferenceOptimizer
-from learned_inference.training import ModelWithInference
+from learned_inference.training import FitHistory, ModelWithInference, fit
 from learned_inference.updates import (
     GatedUpdate,
     PerVariableUpdate,
@@ -80,6 +80,7 @@ __all__ = [
     "Errors",
     "Family",
     "FeatureShapes",
+    "FitHistory",
     "GatedUpdate",
     "GaussianLikelihood",
     "GradientEStep",
@@ -116,6 +117,7 @@ __all__ = [
     "clip_per_example",
     "elbo",
     "elbo_and_grad",
+    "fit",
     "gated_update",
     "make_encoding",
     "make_family",

@@ -49,7 +49,7 @@ DATASETS: dict[str, Callable[[str | None], Splits]] = {
 }
 
 
-def load_named_data(name: str, path: str | None) -> tuple[Splits, Callable[[Tensor], Tensor] | None]:
+def load_named_data(name: str, path: str | None) -> tuple[Splits, Callable[..., Tensor] | None]:
     """The dataset called ``name`` and the per-batch transform it needs (dynamic binarization for grey images)."""
     data = DATASETS[name](path)
     return data, (binarize if name in ("mnist", "fashion-mnist") else None)

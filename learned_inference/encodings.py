@@ -224,8 +224,8 @@ class HierarchicalErrors(Encoding):
 
     Example:
         >>> shapes = FeatureShapes(data=5, params={"loc": 1}, levels={"x": 5, "z1": 3, "z2": 1}, variable="z2")
-        >>> HierarchicalErrors().num_features(shapes)      # [ε_1, ε_2] for the view of z2
-        4
+        >>> HierarchicalErrors().num_features(shapes)      # [ε_1, ε_2] (3 + 1) for the view of z2, log/sign: × 2
+        8
     """
 
     def __init__(self, *, log_sign: bool = True, alpha: float = 0.1, eps: float = 1e-8) -> None:

@@ -124,14 +124,13 @@ class _GradientInjection(torch.autograd.Function):
 class TrainingLoss:
     """The one training loss of a refinement run, built step by step.
 
-    With weights w_t (:class:`Training`), healthy examples only, and sg[·] the stop-gradient:
+    With weights w_t (:class:`Training`), healthy examples only, and sg[·] the stop-gradient, the value is
+    ℒ = Σ_t w_t Σ_b −L_t,b and the gradients are::
 
-        value      ℒ = Σ_t w_t Σ_b −L_t,b
-
-        φ  (step)        ∂ℒ/∂φ  = Σ_{t≥1} w_t Σ_b −∇_λ L_t,b · ∂λ_t,b/∂φ
-        λ_0 (encoder)    ∂ℒ/∂λ_0 = encoder_weight/B · −∇_λ L_0   (+ the terms above through the steps, when
-                         backpropagating through them)
-        θ  (model)       the gradient of −1/B Σ_b L_T,b(sg[λ_T])
+        φ   (the step)      Σ_{t≥1} w_t Σ_b −∇_λ L_t,b · ∂λ_t,b/∂φ
+        λ_0 (an encoder)    encoder_weight/B · −∇_λ L_0   (+ the terms above through the steps, when
+                            backpropagating through them)
+        θ   (the model)     ∇_θ of −1/B Σ_b L_T,b(sg[λ_T])
 
     Feed-forward steps (λ detached between steps) take the φ-term as a vector-Jacobian product at every step,
     against the −w_t ∇_λ L_t the next step needed anyway, and free that step's graph: training memory does not

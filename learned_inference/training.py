@@ -49,9 +49,10 @@ from tqdm.auto import tqdm
 
 from learned_inference.data import CountMatrix, iterate_batches
 from learned_inference.families import Params
-from learned_inference.inference import InferenceMethod, InferenceResult, check_int
+from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
+from learned_inference.validation import check_int
 
 __all__ = ["FitHistory", "ModelWithInference", "fit"]
 
@@ -298,8 +299,8 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 def _validation_elbo(method: InferenceMethod, x: Tensor, batch_size: int, seed: int) -> float:
     """The mean final-step ELBO of ``method.infer`` over ``x``, in chunks of ``batch_size``, with seeded noise."""
-    total = 0.0
+    total = x.new_zeros((), dtype=torch.float64)
     with _seeded_global_rng(seed, x.device):
         for chunk in x.split(batch_size):
             total = total + method.infer(chunk).elbo[-1].sum().double()
-    return float(total) / len(x)
+    return total.item() / len(x)
