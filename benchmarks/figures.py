@@ -54,9 +54,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def trajectory(method: InferenceMethod, x: Tensor, noise: Tensor, steps: int) -> Tensor:
-    """μ_t for t = 0..steps, ``[steps + 1, B, D]``: runs of 0..steps steps on common noise (deterministic, so
-    each run retraces the previous one)."""
-    return torch.stack([method.infer(x, num_steps=t, noise=noise[: t + 1]).params["loc"] for t in range(steps + 1)])
+    """μ_t for t = 0..steps, ``[steps + 1, B, D]``, recorded by one run on the given noise."""
+    recorded = method.infer(x, num_steps=steps, noise=noise[: steps + 1], record_params=True).trajectory
+    assert recorded is not None  # asked for
+    return torch.stack([params["loc"] for params in recorded])
 
 
 @torch.no_grad()

@@ -63,13 +63,11 @@ def _step_curves(model: DecoderModel, inference: IterativeInferenceOptimizer, x:
 
 
 def _reconstructions(model: DecoderModel, inference: IterativeInferenceOptimizer, x: Tensor, steps: int) -> Tensor:
-    """E[x | z = μ_t] for t = 0..steps, ``[steps + 1, N, D]``."""
-    params, means = None, []
-    for t in range(steps + 1):
-        params = inference.infer(x, num_steps=0 if t == 0 else 1, init_params=params).params
-        with torch.no_grad():
-            means.append(model.likelihood_mean(params["loc"]))
-    return torch.stack(means)
+    """E[x | z = μ_t] for t = 0..steps, ``[steps + 1, N, D]``, from one run's recorded trajectory."""
+    trajectory = inference.infer(x, num_steps=steps, record_params=True).trajectory
+    assert trajectory is not None  # asked for
+    with torch.no_grad():
+        return torch.stack([model.likelihood_mean(params["loc"]) for params in trajectory])
 
 
 def _plot(report: Path, summary: dict, reconstructions: Tensor, x: Tensor) -> list[str]:

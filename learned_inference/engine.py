@@ -286,13 +286,20 @@ def refine(
         last = t == num_steps
         if last and not evaluate_last:
             break
-        eps = noise(t)
+        noise_t = noise(t)
+        # λ_t as the ELBO sees it (detached unless differentiating through the gradient) ...
         lam = params if second_order and not last else detach(params)
         with torch.set_grad_enabled(train and (last or second_order)), full_precision(x):
-            values, grads = objective.elbo_and_grad(lam, x, eps)
+            values, grads = objective.elbo_and_grad(lam, x, noise_t)
         healthy = torch.isfinite(values.detach())
         for g in grads.values():
             healthy = healthy & torch.isfinite(g.detach()).all(-1)
+        if second_order and not last and not bool(healthy.all()):
+            # Differentiating through the gradient, a non-finite row's derivatives would turn the zero it is masked
+            # with into NaN: evaluate again with that row's λ cut from the graph.
+            cut = {n: torch.where(healthy[:, None], p, p.detach()) for n, p in lam.items()}
+            with full_precision(x):
+                values, grads = objective.elbo_and_grad(cut, x, noise_t)
         elbos.append(values.detach())
         norms.append(torch.sqrt(reduce(torch.add, [g.detach().square().sum(-1) for g in grads.values()])))
         health.append(healthy)
@@ -303,14 +310,15 @@ def refine(
             loss.observe(t, params, grads)
         if last:
             if train:
-                def refit(rows: Tensor, lam: Params = lam, eps: Tensor = eps) -> Tensor:
+                def refit(rows: Tensor, lam: Params = lam, noise_t: Tensor = noise_t) -> Tensor:
                     with full_precision(x):
-                        return objective.elbo({n: v[rows] for n, v in lam.items()}, x[rows], eps[:, rows])
+                        return objective.elbo({n: v[rows] for n, v in lam.items()}, x[rows], noise_t[:, rows])
                 loss.observe_final(values, healthy, refit)
             break
+        # ... and as the step sees it (with its graph when backpropagating through the steps)
         base = params if through_steps else lam
         context = StepContext(x=x, params=base, grads=grads if second_order else detach(grads), elbo=values,
-                              healthy=healthy, t=t, noise=eps, objective=objective)
+                              healthy=healthy, t=t, noise=noise_t, objective=objective)
         with torch.set_grad_enabled(train):
             proposal, state = step(context, state)
             proposal = objective.family.constrain(proposal)
