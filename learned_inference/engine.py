@@ -11,7 +11,9 @@ A method supplies an initial estimate λ_0 and a pure step (``step(context, stat
 records the trajectory (ELBO and gradient norm ``[T+1, B]``, health, optionally λ_t at every step), reports
 unhealthy examples once (a ``RuntimeWarning`` or a ``FloatingPointError``), and builds the training loss in one
 :class:`TrainingLoss`, whose docstring states the equation. :class:`Training` says how a method learns: the
-weight of every step, whether a trainable λ_0 learns from L_0, and whether gradients flow through the steps.
+weight of every step, whether a trainable λ_0 learns from L_0, and whether gradients flow through the steps. At
+test time :class:`Stopping` adds per-example safeguards for every method: stop an example when its ELBO stops
+improving, and return its best λ.
 
 Example:
     >>> import torch
@@ -42,11 +44,12 @@ from torch import Tensor, nn
 
 from learned_inference.context import StepContext, full_precision
 from learned_inference.families import Params, detach
-from learned_inference.objectives import Objective
+from learned_inference.objectives import Objective, sample_noise
 
 __all__ = [
     "ON_NONFINITE",
     "Step",
+    "Stopping",
     "Training",
     "TrainingLoss",
     "Trajectory",
@@ -211,6 +214,69 @@ class TrainingLoss:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """Test-time safeguards: stop each example when its ELBO stops improving; return each example's best λ.
+
+    The decisions compare L(λ_t) estimated on common noise ε* (``samples`` draws, fixed for the whole run), so that
+    comparing two steps compares λ, not the noise of single-sample estimates. Example b counts step t as an
+    improvement when L*(λ_t) > best_b + tol · |best_b|; after ``patience`` steps in a row without one it stops
+    (its λ is kept, its gradient is still evaluated with the batch). The run ends early when every example has
+    stopped.
+
+    Attributes:
+        tol: the relative improvement a step must make (None: never stop; only ``keep_best``).
+        patience: steps in a row without improvement before an example stops.
+        keep_best: return, per example, the λ_t with the best L* instead of the last.
+        samples: the number of common-noise samples in L*.
+    """
+
+    tol: float | None = None
+    patience: int = 3
+    keep_best: bool = False
+    samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.tol is not None and not self.tol >= 0:
+            raise ValueError(f"tol must be a float >= 0 or None, got {self.tol!r}")
+        for name in ("patience", "samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+class _Watch:
+    """Per-example state of :class:`Stopping` over one run."""
+
+    def __init__(self, stopping: Stopping, objective: Objective, x: Tensor, params: Params) -> None:
+        self.stopping, self.objective, self.x = stopping, objective, x
+        batch, dim = x.shape[0], objective.space.total_dim
+        samples = stopping.samples if objective.family.stochastic else 1
+        self.noise = (sample_noise(samples, batch, dim, dtype=x.dtype, device=x.device) if objective.family.stochastic
+                      else x.new_zeros(1, batch, dim))
+        self.best_value = x.new_full((batch,), -torch.inf)
+        self.best_params = detach(params)
+        self.waiting = torch.zeros(batch, dtype=torch.long, device=x.device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=x.device)
+
+    @torch.no_grad()
+    def observe(self, lam: Params) -> Tensor:
+        """Scores λ_t on the common noise; returns which examples still move."""
+        with full_precision(self.x):
+            value = self.objective.elbo(lam, self.x, self.noise)
+        tol = self.stopping.tol or 0.0
+        better = torch.isfinite(value) & (value > self.best_value + tol * self.best_value.abs().nan_to_num(posinf=0))
+        self.best_value = torch.where(better, value, self.best_value)
+        self.best_params = {n: torch.where(better[:, None], p, self.best_params[n]) for n, p in lam.items()}
+        self.waiting = torch.where(better, 0, self.waiting + 1)
+        if self.stopping.tol is not None:
+            self.active = self.active & (self.waiting < self.stopping.patience)
+        return self.active
+
+    def result(self, params: Params) -> Params:
+        return self.best_params if self.stopping.keep_best else params
+
+
+@dataclass(frozen=True)
 class Trajectory:
     """What a refinement run returns.
 
@@ -221,6 +287,7 @@ class Trajectory:
         healthy: whether each example's ELBO and gradient were finite at each step, like ``elbo``.
         params_history: λ_0, …, λ_T detached, when asked for.
         loss: the training loss (:class:`TrainingLoss`); its value alone, without a graph, at test time.
+        steps: ``[B]``, the updates applied to each example (fewer than T where :class:`Stopping` stopped it).
     """
 
     params: Params
@@ -229,6 +296,7 @@ class Trajectory:
     healthy: Tensor
     params_history: list[Params] | None
     loss: Tensor
+    steps: Tensor
 
 
 def _stack(values: list[Tensor], batch: int, like: Tensor) -> Tensor:
@@ -248,6 +316,7 @@ def refine(
     on_nonfinite: str = "warn",
     record_params: bool = False,
     evaluate_last: bool = True,
+    stopping: Stopping | None = None,
 ) -> Trajectory:
     """Runs ``num_steps`` refinement steps from λ_0 = ``initial`` (see the module docstring).
 
@@ -264,12 +333,16 @@ def refine(
         on_nonfinite: ``"warn"`` or ``"raise"`` when some examples' ELBO or gradient is not finite.
         record_params: keep λ_t of every step in ``params_history``.
         evaluate_last: evaluate L_T (False when the caller scores λ_T itself, as a Pyro ELBO does).
+        stopping: test-time safeguards (:class:`Stopping`); not with ``train``. With a tolerance, ``elbo`` has a row
+            per step run: fewer than T + 1 when every example stopped early.
 
     Returns:
         The :class:`Trajectory`.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    if stopping is not None and train:
+        raise ValueError("stopping rules and keep-best are test-time safeguards: use them with infer(), not training")
     batch = x.shape[0]
     training = Training() if training is None else training
     through_steps = train and training.backprop_through_steps
@@ -281,6 +354,9 @@ def refine(
     norms: list[Tensor] = []
     health: list[Tensor] = []
     history: list[Params] | None = [] if record_params else None
+    watch = None if stopping is None else _Watch(stopping, objective, x, params)
+    moving = torch.ones(batch, dtype=torch.bool, device=x.device)
+    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
     state: Any = None
     for t in range(num_steps + 1):
         last = t == num_steps
@@ -306,6 +382,10 @@ def refine(
         if history is not None:
             history.append(detach(params))
         grads = {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}
+        if watch is not None:
+            moving = watch.observe(lam)
+            if not bool(moving.any()):
+                break
         if train:
             loss.observe(t, params, grads)
         if last:
@@ -322,12 +402,15 @@ def refine(
         with torch.set_grad_enabled(train):
             proposal, state = step(context, state)
             proposal = objective.family.constrain(proposal)
-            # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing).
-            params = {n: torch.where(healthy[:, None], proposal[n].to(v.dtype), v) for n, v in base.items()}
+            # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing), as do stopped ones.
+            update = healthy & moving
+            params = {n: torch.where(update[:, None], proposal[n].to(v.dtype), v) for n, v in base.items()}
+        steps = steps + update
     elbo, healthy_steps = _stack(elbos, batch, x), _stack(health, batch, x).bool()
     _report_unhealthy(healthy_steps, on_nonfinite)
-    return Trajectory(params=params, elbo=elbo, grad_norm=_stack(norms, batch, x), healthy=healthy_steps,
-                      params_history=history, loss=loss.finish(elbo, healthy_steps))
+    return Trajectory(params=params if watch is None else watch.result(params), elbo=elbo,
+                      grad_norm=_stack(norms, batch, x), healthy=healthy_steps, params_history=history,
+                      loss=loss.finish(elbo, healthy_steps), steps=steps)
 
 
 def _report_unhealthy(healthy: Tensor, on_nonfinite: str) -> None:

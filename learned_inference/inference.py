@@ -32,7 +32,7 @@ from torch.distributions import Distribution
 
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
-from learned_inference.engine import ON_NONFINITE, Training, Trajectory, refine
+from learned_inference.engine import ON_NONFINITE, Stopping, Training, Trajectory, refine
 from learned_inference.families import Family, Params, detach, make_family
 from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
 from learned_inference.objectives import Objective, prior_moments, sample_noise
@@ -54,6 +54,8 @@ class InferenceResult:
         loss: a scalar whose ``backward()`` trains (each method documents its gradient).
         grad_norm: ``[num_steps + 1, B]`` per-example norms of ∇_λ L at every step.
         healthy: ``[num_steps + 1, B]``, whether each example's ELBO and gradient were finite at each step.
+        steps: ``[B]``, the refinement steps applied to each example (fewer where ``infer(..., tol=...)`` stopped it
+            early, or where it was not finite).
         trajectory: λ_0, …, λ_T in the form of ``params`` when ``infer(..., record_params=True)``, else None.
     """
 
@@ -63,6 +65,7 @@ class InferenceResult:
     loss: Tensor
     grad_norm: Tensor
     healthy: Tensor
+    steps: Tensor
     trajectory: list[dict[str, Any]] | None = None
 
 
@@ -158,8 +161,11 @@ class InferenceMethod(nn.Module):
         init_params: dict[str, Any] | None = None,
         noise: Tensor | None = None,
         record_params: bool = False,
+        tol: float | None = None,
+        patience: int = 3,
+        keep_best: bool = False,
     ) -> InferenceResult:
-        """Test-time inference: any number of steps, no training graph.
+        """Test-time inference: any number of steps, no training graph, optional per-example safeguards.
 
         Args:
             x: a batch ``[B, *event]``.
@@ -168,13 +174,20 @@ class InferenceMethod(nn.Module):
             noise: the reparameterization noise for every step, ``[num_steps + 1, S, B, D]`` (common random
                 numbers for comparisons); drawn from the global generator when omitted.
             record_params: keep λ at every step in ``result.trajectory``.
+            tol: stop each example once its ELBO has improved by less than ``tol`` (relative) for ``patience`` steps
+                in a row (:class:`~learned_inference.engine.Stopping`; decisions on common noise); ``result.steps``
+                reports the steps each example used, and ``result.elbo`` ends when every example has stopped.
+            patience: steps in a row without improvement before an example stops.
+            keep_best: return, per example, the λ with the best ELBO seen (on common noise) instead of the last.
         """
         steps = self.num_steps if num_steps is None else check_int("num_steps", num_steps, minimum=0)
-        return self._refine(x, steps, train=False, init_params=init_params, noise=noise, record_params=record_params)
+        stopping = None if tol is None and not keep_best else Stopping(tol=tol, patience=patience, keep_best=keep_best)
+        return self._refine(x, steps, train=False, init_params=init_params, noise=noise, record_params=record_params,
+                            stopping=stopping)
 
     def _refine(
         self, x: Tensor, num_steps: int, *, train: bool, init_params: dict[str, Any] | None, noise: Tensor | None,
-        record_params: bool = False,
+        record_params: bool = False, stopping: Stopping | None = None,
     ) -> InferenceResult:
         self._check_inputs(x, num_steps, noise)
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
@@ -182,7 +195,7 @@ class InferenceMethod(nn.Module):
         trajectory = refine(
             self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior),
             num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
-            train=train, on_nonfinite=self.on_nonfinite, record_params=record_params,
+            train=train, on_nonfinite=self.on_nonfinite, record_params=record_params, stopping=stopping,
         )
         return self._result(trajectory)
 
@@ -191,7 +204,7 @@ class InferenceMethod(nn.Module):
         history = trajectory.params_history
         return InferenceResult(
             params=params, posterior=posterior, elbo=trajectory.elbo, loss=trajectory.loss,
-            grad_norm=trajectory.grad_norm, healthy=trajectory.healthy,
+            grad_norm=trajectory.grad_norm, healthy=trajectory.healthy, steps=trajectory.steps,
             trajectory=None if history is None else [self._public(p)[0] for p in history],
         )
 

@@ -183,3 +183,27 @@ def test_custom_step_weights_change_only_what_the_update_network_learns():
         torch.testing.assert_close(b, 2 * a)
     for a, b in zip(theta_1, theta_2, strict=True):
         torch.testing.assert_close(b, a)
+
+
+def test_stopping_rule_and_keep_best_per_example():
+    """tol stops examples whose ELBO stalls (on common noise) and says how many steps each used; keep-best returns
+    every example's best λ, so the final ELBO is never below the start's."""
+    torch.manual_seed(0)
+    model, x = _model(), _data()
+    e_step = GradientEStep(model, latent_dim=D, lr=0.05, num_steps=200).double()
+    full = e_step.infer(x)
+    assert bool((full.steps == 200).all()) and full.elbo.shape == (201, B)
+    stopped = e_step.infer(x, tol=1e-3, patience=2)
+    assert stopped.steps.shape == (B,) and bool((stopped.steps < 200).all()) and bool((stopped.steps > 0).all())
+    assert stopped.elbo.shape[0] == int(stopped.steps.max()) + 1  # rows until the last example stopped
+    # A diverging step size: without keep-best the last λ is far worse than the first; with it, never worse.
+    wild = GradientEStep(model, latent_dim=D, optimizer=torch.optim.SGD, lr=50.0, num_steps=10).double()
+    noise = torch.zeros(11, 1, B, D, dtype=torch.float64)
+    last = wild.infer(x, noise=noise)
+    best = wild.infer(x, noise=noise, keep_best=True)
+    start_elbo = last.elbo[0]
+    assert bool((last.elbo[-1] < start_elbo).any())
+    rescored = wild.infer(x, num_steps=0, init_params=best.params, noise=noise[:1]).elbo[0]
+    assert bool((rescored >= start_elbo - 1e-9).all())
+    with pytest.raises(ValueError, match="tol must be a float >= 0"):
+        e_step.infer(x, tol=-1.0)
