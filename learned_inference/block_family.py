@@ -144,6 +144,10 @@ class BlockFamily(Family):
         blocks = self.blocks(params)
         return self._concat({v: f.constrain(blocks[v]) for v, f in self.families.items()})
 
+    def natural_gradient(self, params: Params, grads: Params) -> Params:
+        blocks, grad_blocks = self.blocks(params), self.blocks(grads)
+        return self._concat({v: f.natural_gradient(blocks[v], grad_blocks[v]) for v, f in self.families.items()})
+
     def distribution(self, params: Params) -> Distribution:
         return BlockDistribution(self.distributions(params), space=self.space)
 

@@ -90,6 +90,19 @@ class StepContext:
         grads = {n: split(g)[variable] for n, g in self.grads.items()}  # type: ignore[index]
         return replace(self, params=params, grads=grads, variable=variable, _full=self._root(), _cache={})
 
+    @property
+    def natural_grads(self) -> Params:
+        """F⁻¹ ∇_λ L_t, the gradient preconditioned by the family's inverse Fisher information
+        (:meth:`~learned_inference.families.Family.natural_gradient`), restricted to ``variable`` in a view."""
+        root = self._root()
+        if "natural" not in root._cache:
+            root._cache["natural"] = root.objective.family.natural_gradient(root.params, root.grads)
+        natural: Params = root._cache["natural"]
+        if self.variable is None:
+            return natural
+        split = self.objective.space.split
+        return {n: split(g)[self.variable] for n, g in natural.items()}  # type: ignore[index]
+
     def _root(self) -> StepContext:
         return self if self._full is None else self._full
 

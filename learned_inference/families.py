@@ -99,6 +99,11 @@ class Family:
         """Keeps λ in its valid, numerically safe range."""
         return params
 
+    def natural_gradient(self, params: Params, grads: Params) -> Params:
+        """F(λ)⁻¹ ∇_λ L: the gradient preconditioned by the inverse Fisher information of q_λ (identity when the
+        family has no Fisher metric, as for point estimates)."""
+        return grads
+
     def distribution(self, params: Params) -> Distribution:
         """The posterior as a ``Distribution`` with batch shape ``[B]`` and event shape ``[D]``."""
         raise NotImplementedError
@@ -139,6 +144,12 @@ class DiagonalGaussian(Family):
 
     def constrain(self, params: Params) -> Params:
         return {"loc": params["loc"], "log_var": params["log_var"].clamp(*self.log_var_bounds)}
+
+    def natural_gradient(self, params: Params, grads: Params) -> Params:
+        """F⁻¹∇ with the Fisher information of N(μ, diag σ²) in (μ, log σ²): F_μ = 1/σ², F_{log σ²} = 1/2. A step
+        of 1 along it is Newton's step where q's precision matches the posterior's (the optimum of a Gaussian
+        posterior)."""
+        return {"loc": torch.exp(params["log_var"]) * grads["loc"], "log_var": 2.0 * grads["log_var"]}
 
     def distribution(self, params: Params) -> Distribution:
         return Independent(Normal(params["loc"], torch.exp(0.5 * params["log_var"])), 1)

@@ -53,7 +53,7 @@ def learned_step(
         with full_precision(context.x):
             features = encoding(view)
         hidden, states[variable] = part(features, None if state is None else state[variable])
-        blocks[variable] = updates[variable](hidden, view.params)
+        blocks[variable] = updates[variable](hidden, view)
     if None in blocks:
         return blocks[None], states
     return {n: torch.cat([block[n] for block in blocks.values()], -1) for n in context.params}, states

@@ -7,6 +7,11 @@ parameter (so μ and log σ² are gated independently):
 
 Residual update (Andrychowicz et al. 2016): λ_{t+1} = λ_t + f_t.
 
+Natural-gradient update: a learned, per-component step size on the gradient preconditioned by the inverse Fisher
+information of q_λ (a learned preconditioner whose step vanishes with the gradient):
+
+    λ_{t+1} = λ_t + η_t ⊙ F(λ_t)⁻¹ ∇_λ L_t,     η_t = η_max · sigmoid(W_η h_t + b_η).
+
 Example:
     >>> import torch
     >>> lam, target = torch.randn(2, 3), torch.randn(2, 3)
@@ -16,14 +21,17 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from learned_inference.context import StepContext
 from learned_inference.families import Params
 
 __all__ = [
     "GatedUpdate",
+    "NaturalGradientUpdate",
     "PerVariableUpdate",
     "ResidualUpdate",
     "Update",
@@ -44,7 +52,8 @@ def residual_update(param: Tensor, delta: Tensor) -> Tensor:
 
 
 class Update(nn.Module):
-    """Base class: maps the network's hidden state ``[B, H]`` and λ to the next λ.
+    """Base class: maps the network's hidden state ``[B, H]`` and the step (λ_t, ∇_λ L_t, … in a
+    :class:`~learned_inference.context.StepContext`) to the next λ.
 
     Attributes:
         hidden_size: H, the size of the update network's output it reads.
@@ -54,7 +63,7 @@ class Update(nn.Module):
     hidden_size: int
     dim: int
 
-    def forward(self, hidden: Tensor, params: Params) -> Params:
+    def forward(self, hidden: Tensor, context: StepContext) -> Params:
         raise NotImplementedError
 
     def parts(self) -> dict[str | None, Update]:
@@ -80,13 +89,14 @@ class PerVariableUpdate(Update):
         return {name: self.get_submodule(name) for name in self.names}  # type: ignore[misc]
 
 
-def _heads(names: Sequence[str], hidden_size: int, dim: int, *, init_scale: float | None = None) -> nn.ModuleDict:
-    """One linear head per parameter of λ; with ``init_scale``, weights N(0, init_scale²) and zero biases."""
+def _heads(names: Sequence[str], hidden_size: int, dim: int, *, init_scale: float | None = None,
+           init_bias: float = 0.0) -> nn.ModuleDict:
+    """One linear head per parameter of λ; with ``init_scale``, weights N(0, init_scale²) and biases ``init_bias``."""
     heads = {name: nn.Linear(hidden_size, dim) for name in names}
     if init_scale is not None:
         for head in heads.values():
             nn.init.normal_(head.weight, std=init_scale)
-            nn.init.zeros_(head.bias)
+            nn.init.constant_(head.bias, init_bias)
     return nn.ModuleDict(heads)
 
 
@@ -105,10 +115,10 @@ class GatedUpdate(Update):
         self.targets = _heads(param_names, hidden_size, dim)
         self.gates = _heads(param_names, hidden_size, dim)
 
-    def forward(self, hidden: Tensor, params: Params) -> Params:
+    def forward(self, hidden: Tensor, context: StepContext) -> Params:
         return {
             name: gated_update(value, self.targets[name](hidden), self.gates[name](hidden).sigmoid())
-            for name, value in params.items()
+            for name, value in context.params.items()
         }
 
 
@@ -127,15 +137,47 @@ class ResidualUpdate(Update):
         self.hidden_size, self.dim = hidden_size, dim
         self.deltas = _heads(param_names, hidden_size, dim, init_scale=init_scale)
 
-    def forward(self, hidden: Tensor, params: Params) -> Params:
-        return {name: residual_update(value, self.deltas[name](hidden)) for name, value in params.items()}
+    def forward(self, hidden: Tensor, context: StepContext) -> Params:
+        return {name: residual_update(value, self.deltas[name](hidden)) for name, value in context.params.items()}
 
 
-_UPDATES: dict[str, type[Update]] = {"gated": GatedUpdate, "residual": ResidualUpdate}
+class NaturalGradientUpdate(Update):
+    """λ + η ⊙ F⁻¹∇_λ L with a learned step size η ∈ (0, η_max) per component (see the module docstring).
+
+    The step vanishes with the gradient, so a stationary point of the ELBO is a fixed point of the optimizer
+    however many steps it runs; where q's precision matches the posterior's, η = 1 is Newton's step. The heads
+    start near ``init_step`` for every input.
+
+    Args:
+        param_names: the names of λ's parameters.
+        hidden_size: the size H of the update network's output.
+        dim: the latent size D.
+        max_step: η_max.
+        init_step: the step size every component starts with, in (0, max_step).
+    """
+
+    def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int, max_step: float = 2.0,
+                 init_step: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < init_step < max_step:
+            raise ValueError(f"need 0 < init_step < max_step, got init_step={init_step!r}, max_step={max_step!r}")
+        self.hidden_size, self.dim, self.max_step = hidden_size, dim, float(max_step)
+        fraction = init_step / max_step
+        self.steps = _heads(param_names, hidden_size, dim, init_scale=1e-3,
+                            init_bias=math.log(fraction / (1 - fraction)))
+
+    def forward(self, hidden: Tensor, context: StepContext) -> Params:
+        natural = context.natural_grads
+        return {name: value + self.max_step * self.steps[name](hidden).sigmoid() * natural[name]
+                for name, value in context.params.items()}
+
+
+_UPDATES: dict[str, type[Update]] = {"gated": GatedUpdate, "residual": ResidualUpdate,
+                                     "natural_gradient": NaturalGradientUpdate}
 
 
 def make_update(update: str, param_names: Sequence[str], *, hidden_size: int, dim: int) -> Update:
-    """An :class:`Update` module from its name, ``"gated"`` or ``"residual"``."""
+    """An :class:`Update` module from its name: ``"gated"``, ``"residual"`` or ``"natural_gradient"``."""
     if update not in _UPDATES:
         raise ValueError(f"update must be one of {sorted(_UPDATES)}, got {update!r}")
     return _UPDATES[update](param_names, hidden_size=hidden_size, dim=dim)

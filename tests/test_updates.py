@@ -1,0 +1,56 @@
+"""Update rules: the natural gradient's Fisher metric, and a learned step that vanishes with the gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learned_inference import IterativeInferenceOptimizer
+from learned_inference.families import DiagonalGaussian
+from learned_inference.updates import NaturalGradientUpdate
+from learned_inference.zoo import ProbabilisticPCA
+
+
+def test_gaussian_natural_gradient_uses_the_fisher_information_of_q():
+    """F is the Hessian of δ ↦ KL(q_λ || q_{λ+δ}) at 0; the family's natural gradient must be F⁻¹∇."""
+    torch.manual_seed(0)
+    family = DiagonalGaussian()
+    loc, log_var = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+
+    def kl(delta: torch.Tensor) -> torch.Tensor:
+        q = family.distribution({"loc": loc[None], "log_var": log_var[None]})
+        r = family.distribution({"loc": (loc + delta[:3])[None], "log_var": (log_var + delta[3:])[None]})
+        return torch.distributions.kl_divergence(q, r).sum()
+
+    fisher = torch.autograd.functional.hessian(kl, torch.zeros(6, dtype=torch.float64))
+    grads = {"loc": torch.randn(1, 3, dtype=torch.float64), "log_var": torch.randn(1, 3, dtype=torch.float64)}
+    natural = family.natural_gradient({"loc": loc[None], "log_var": log_var[None]}, grads)
+    expected = torch.linalg.solve(fisher, torch.cat([grads["loc"][0], grads["log_var"][0]]))
+    torch.testing.assert_close(torch.cat([natural["loc"][0], natural["log_var"][0]]), expected)
+
+
+def test_natural_gradient_update_leaves_a_stationary_point_where_it_is():
+    """With a point-estimate family the gradient is zero at the MAP (to rounding), so any number of steps of an
+    untrained (random) natural-gradient optimizer leave it there: the step vanishes with the gradient. (Steps are
+    kept small: the Delta family has no Fisher metric, and a raw-gradient step of 0.5 would be unstable here.)"""
+    gen = torch.Generator().manual_seed(0)
+    model = ProbabilisticPCA.random(data_dim=6, latent_dim=2, dtype=torch.float64, generator=gen)
+    x = model.sample(4, generator=gen)
+    map_estimate = model.exact_posterior(x)[0]
+    update = NaturalGradientUpdate(("loc",), hidden_size=8, dim=2, max_step=0.02, init_step=0.01)
+    inference = IterativeInferenceOptimizer(model, latent_dim=2, family="delta", update=update, hidden_size=8)
+    inference.double()
+    result = inference.infer(x, num_steps=50, init_params={"loc": map_estimate})
+    torch.testing.assert_close(result.params["loc"], map_estimate, rtol=0, atol=1e-10)
+    # The gated update (paper eq. 62) has no such fixed point: untrained, it moves away.
+    gated = IterativeInferenceOptimizer(model, latent_dim=2, family="delta", hidden_size=8).double()
+    moved = gated.infer(x, num_steps=50, init_params={"loc": map_estimate}).params["loc"]
+    assert (moved - map_estimate).abs().max() > 1e-3
+
+
+def test_natural_gradient_steps_start_at_init_step_and_stay_in_range():
+    update = NaturalGradientUpdate(("loc",), hidden_size=4, dim=2, max_step=2.0, init_step=0.5)
+    step = update.max_step * update.steps["loc"](torch.zeros(1, 4)).sigmoid()
+    torch.testing.assert_close(step, torch.full((1, 2), 0.5))
+    with pytest.raises(ValueError, match="need 0 < init_step < max_step"):
+        NaturalGradientUpdate(("loc",), hidden_size=4, dim=2, max_step=1.0, init_step=1.0)
