@@ -80,6 +80,8 @@ class InferenceMethod(nn.Module):
             latent variables a dict of them, one per variable (a :class:`~learned_inference.block_family.BlockFamily`).
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
+        antithetic: draw the samples in antithetic pairs (ε, −ε) (``num_samples`` even), which cancels the noise
+            term linear in ε in every λ-gradient.
         on_nonfinite: when some examples' ELBO or λ-gradient is not finite (e.g. an overflowing decoder):
             ``"warn"`` (those examples keep their λ and are left out of the loss, the others are unaffected, and a
             ``RuntimeWarning`` names them) or ``"raise"`` (``FloatingPointError``).
@@ -94,6 +96,7 @@ class InferenceMethod(nn.Module):
         family: str | Family | Mapping[str, str | Family],
         num_samples: int,
         analytic_kl: bool,
+        antithetic: bool = False,
         on_nonfinite: str = "warn",
     ) -> None:
         super().__init__()
@@ -103,6 +106,9 @@ class InferenceMethod(nn.Module):
         self.space = LatentSpace(latent_dim)
         self.num_steps = check_int("num_steps", num_steps, minimum=0)
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
+        if antithetic and num_samples % 2:
+            raise ValueError(f"antithetic=True needs an even num_samples (pairs ε, −ε), got {num_samples}")
+        self.antithetic = bool(antithetic)
         self.family = self._make_family(family)
         self.analytic_kl = analytic_kl
         if on_nonfinite not in ON_NONFINITE:
@@ -242,4 +248,5 @@ class InferenceMethod(nn.Module):
             return noise[t]
         if not self.family.stochastic:
             return x.new_zeros(1, x.shape[0], self.space.total_dim)
-        return sample_noise(self.num_samples, x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
+        return sample_noise(self.num_samples, x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device,
+                            antithetic=self.antithetic)

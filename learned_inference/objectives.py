@@ -70,10 +70,19 @@ def prior_moments(model: LatentModel, space: LatentSpace) -> PriorMoments | None
 
 def sample_noise(
     num_samples: int, batch: int, dim: int, *, dtype: torch.dtype, device: torch.device | None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, antithetic: bool = False,
 ) -> Tensor:
-    """Standard normal noise ε of shape ``[S, B, D]`` for the reparameterization trick."""
-    return torch.randn(num_samples, batch, dim, dtype=dtype, device=device, generator=generator)
+    """Standard normal noise ε of shape ``[S, B, D]`` for the reparameterization trick.
+
+    With ``antithetic`` (S even) the second half is the negated first, (ε, −ε): the estimate stays unbiased, and in
+    the reparameterized λ-gradient the noise term that is linear in ε, ∇²log p · σ ε, cancels.
+    """
+    if not antithetic:
+        return torch.randn(num_samples, batch, dim, dtype=dtype, device=device, generator=generator)
+    if num_samples % 2:
+        raise ValueError(f"antithetic noise needs an even number of samples, got num_samples={num_samples}")
+    half = torch.randn(num_samples // 2, batch, dim, dtype=dtype, device=device, generator=generator)
+    return torch.cat([half, -half])
 
 
 def elbo(

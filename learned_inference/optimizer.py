@@ -124,6 +124,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         hidden_size: units per layer of a network built from a name (default 512).
         num_layers: hidden layers of a highway network built from a name (default 2).
         num_samples: reparameterized samples S per ELBO evaluation.
+        antithetic: draw them in antithetic pairs (ε, −ε) (S even): the λ-gradient's noise term linear in ε cancels.
         init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         backprop_through_steps: keep the graph across steps (backpropagation through time). Default: False for
@@ -159,6 +160,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         hidden_size: int | None = None,
         num_layers: int | None = None,
         num_samples: int = 1,
+        antithetic: bool = False,
         init: str = "prior",
         analytic_kl: bool = True,
         backprop_through_steps: bool | None = None,
@@ -167,7 +169,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         data_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
-                         analytic_kl=analytic_kl, on_nonfinite=on_nonfinite)
+                         analytic_kl=analytic_kl, antithetic=antithetic, on_nonfinite=on_nonfinite)
         if init not in ("prior", "encoder"):
             raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
         if init == "encoder" and not callable(getattr(model, "encode", None)):
