@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ from learned_inference.training import fit
 __all__ = [
     "RESULTS",
     "History",
+    "beats_at_equal_time",
     "checkpoint_file",
     "importance_scores",
     "load_mnist_subsets",
@@ -49,8 +51,10 @@ __all__ = [
     "save_figure",
     "setup",
     "table",
+    "time_methods",
     "train_model",
     "train_resumable",
+    "value_at",
     "write_results",
 ]
 
@@ -311,3 +315,45 @@ def importance_scores(model: Any, method: InferenceMethod, x: Tensor, *, num_ste
     chunk = min(samples, 100)
     return (importance_weighted_log_marginal(model, posterior, x, num_samples=samples, chunk_size=chunk),
             elbo_estimate(model, posterior, x, num_samples=samples, chunk_size=chunk))
+
+
+def time_methods(methods: dict[str, InferenceMethod], x: Tensor, *, steps: int, repeats: int) -> dict[str, dict]:
+    """Interleaved timing of ``infer`` with 0 and ``steps`` steps: medians of t0 and of the per-step time."""
+    samples: dict[str, dict[str, list[float]]] = {name: {"t0": [], "step": []} for name in methods}
+    names = list(methods)
+    for repeat in range(repeats + 1):  # the first round is the warm-up
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for name in order:
+            durations = []
+            for num_steps in (0, 0 if name == "encoder" else steps):
+                start = time.perf_counter()
+                methods[name].infer(x, num_steps=num_steps)
+                durations.append(time.perf_counter() - start)
+            if repeat > 0:
+                samples[name]["t0"].append(durations[0])
+                samples[name]["step"].append(max(durations[1] - durations[0], 0.0) / steps)
+    return {name: {"t0_s": statistics.median(s["t0"]), "step_s": statistics.median(s["step"]),
+                   "step_s_spread": [min(s["step"]), max(s["step"])]} for name, s in samples.items()}
+
+
+def value_at(curve: Sequence[float], timing: dict[str, float], budget: float) -> float:
+    """The ELBO of the last step completed within ``budget`` seconds (-inf before the start is done)."""
+    if budget < timing["t0_s"]:
+        return float("-inf")
+    if timing["step_s"] <= 0:
+        return curve[-1]
+    return curve[min(int((budget - timing["t0_s"]) / timing["step_s"]), len(curve) - 1)]
+
+
+def beats_at_equal_time(iterative: Sequence[float], optimizers: dict[str, Sequence[float]],
+                        timings: dict[str, dict[str, float]], *, grid: int = 400,
+                        candidate: str = "iterative") -> tuple[bool, list[float]]:
+    """Whether the ``candidate``'s curve (``iterative``, timed as ``timings[candidate]``) is strictly above every
+    optimizer curve at every budget of the grid, up to the longest optimizer run; returns (wins, [first, last])."""
+    it = timings[candidate]
+    horizon = max(timings[n]["t0_s"] + (len(c) - 1) * timings[n]["step_s"] for n, c in optimizers.items())
+    first = it["t0_s"] + it["step_s"]
+    budgets = [first + (horizon - first) * i / (grid - 1) for i in range(grid)] if horizon > first else [first]
+    wins = all(value_at(iterative, it, b) > value_at(curve, timings[n], b)
+               for b in budgets for n, curve in optimizers.items())
+    return wins, [first, horizon]

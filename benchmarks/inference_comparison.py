@@ -36,9 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,46 +90,6 @@ def trained_iterative_mnist(args: argparse.Namespace, settings: dict[str, Any], 
                                 config=config, epochs=settings["epochs"], batch_size=settings["batch_size"],
                                 lr=settings["lr"])
     return model, iterative, curves
-
-
-def _time_methods(methods: dict[str, InferenceMethod], x: Tensor, *, steps: int, repeats: int) -> dict[str, dict]:
-    """Interleaved timing of ``infer`` with 0 and ``steps`` steps: medians of t0 and of the per-step time."""
-    samples: dict[str, dict[str, list[float]]] = {name: {"t0": [], "step": []} for name in methods}
-    names = list(methods)
-    for repeat in range(repeats + 1):  # the first round is the warm-up
-        order = names[repeat % len(names):] + names[:repeat % len(names)]
-        for name in order:
-            durations = []
-            for num_steps in (0, 0 if name == "encoder" else steps):
-                start = time.perf_counter()
-                methods[name].infer(x, num_steps=num_steps)
-                durations.append(time.perf_counter() - start)
-            if repeat > 0:
-                samples[name]["t0"].append(durations[0])
-                samples[name]["step"].append(max(durations[1] - durations[0], 0.0) / steps)
-    return {name: {"t0_s": statistics.median(s["t0"]), "step_s": statistics.median(s["step"]),
-                   "step_s_spread": [min(s["step"]), max(s["step"])]} for name, s in samples.items()}
-
-
-def _value_at(curve: Sequence[float], timing: dict[str, float], budget: float) -> float:
-    """The ELBO of the last step completed within ``budget`` seconds (-inf before the start is done)."""
-    if budget < timing["t0_s"]:
-        return float("-inf")
-    if timing["step_s"] <= 0:
-        return curve[-1]
-    return curve[min(int((budget - timing["t0_s"]) / timing["step_s"]), len(curve) - 1)]
-
-
-def beats_at_equal_time(iterative: Sequence[float], optimizers: dict[str, Sequence[float]],
-                        timings: dict[str, dict[str, float]], *, grid: int = 400) -> tuple[bool, list[float]]:
-    """Whether the iterative curve is strictly above every optimizer curve at every budget of the grid."""
-    it = timings["iterative"]
-    horizon = max(timings[n]["t0_s"] + (len(c) - 1) * timings[n]["step_s"] for n, c in optimizers.items())
-    first = it["t0_s"] + it["step_s"]
-    budgets = [first + (horizon - first) * i / (grid - 1) for i in range(grid)] if horizon > first else [first]
-    wins = all(_value_at(iterative, it, b) > _value_at(curve, timings[n], b)
-               for b in budgets for n, curve in optimizers.items())
-    return wins, [first, horizon]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -193,9 +151,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for opt_name, (cls, options) in OPTIMIZERS.items():
         methods[opt_name] = GradientEStep(model, latent_dim=latent, optimizer=cls, lr=best[opt_name],
                                           optimizer_options=options)
-    timings = _time_methods(methods, test, steps=s["timing_steps"], repeats=s["timing_repeats"])
+    timings = common.time_methods(methods, test, steps=s["timing_steps"], repeats=s["timing_repeats"])
     best_curves = {o: grid[o][str(best[o])] for o in OPTIMIZERS}
-    beats, window = beats_at_equal_time(curves["iterative"], best_curves, timings)
+    beats, window = common.beats_at_equal_time(curves["iterative"], best_curves, timings)
 
     result = {
         "settings": {**s, "learning_rates": LEARNING_RATES, "reductions": REDUCTIONS.format(**s)},

@@ -22,12 +22,11 @@ logits (eqs. 56-57), and it stays bounded where the Bernoulli variance μ(1 − 
 Example:
     >>> import torch
     >>> from learned_inference.zoo import LinearGaussianHierarchy
-    >>> gen = torch.Generator().manual_seed(0)
-    >>> model = LinearGaussianHierarchy.random(data_dim=6, latent_dims=(3, 2), generator=gen)
-    >>> z = {"z1": torch.zeros(4, 5, 3), "z2": torch.zeros(4, 5, 2)}
-    >>> from learned_inference.errors import precision_weighted_errors
-    >>> errors = precision_weighted_errors(model, torch.zeros(5, 6), z)
-    >>> {level: tuple(error.shape) for level, error in errors.items()}
+    >>> model = LinearGaussianHierarchy.random(data_dim=6, latent_dims=(3, 2))
+    >>> isinstance(model, HierarchicalModel)
+    True
+    >>> moments = model.conditionals({"z1": torch.zeros(5, 3), "z2": torch.zeros(5, 2)})
+    >>> {level: tuple(mean.shape) for level, (mean, variance) in moments.items()}
     {'x': (5, 6), 'z1': (5, 3), 'z2': (5, 2)}
 """
 
