@@ -2,54 +2,58 @@
 more steps keep helping.
 
 The user's path the library advertises first: a VAE trained the usual way (the paper's binarized-MNIST model,
-784-512-512-64, highway ELU, trained as a standard VAE on all 50k training images), then frozen; an
-``IterativeInferenceOptimizer`` with the library's default options is trained on top of it (the VAE's weights do
-not change), for at most half the VAE's training time, from the prior and from the VAE's encoder.
+784-512-512-64, highway ELU, trained as a standard VAE on all 50k training images, Adam 1e-3, batch 100), then
+frozen; an ``IterativeInferenceOptimizer`` with the library's default options is trained on top of it (the VAE's
+weights do not change), for whole epochs within half the VAE's training time (epochs × its median epoch time),
+from the VAE's encoder and from the prior.
 
-Measured on ``--test-size`` test images, every ELBO with ``--elbo-samples`` samples:
+Measured on the first ``--test-size`` test images, every final ELBO with ``--elbo-samples`` samples:
 
-* the gap: best of an lr grid of ``--estep-steps``-step Adam E-steps from the encoder minus the encoder's ELBO;
-* ``gap_closed_T5`` / ``gap_closed_T20``: (ELBO after T learned steps − encoder) / gap, per init;
-* ``elbo_by_steps``: the mean ELBO after T = 0, 1, 2, 5, 10, 20, 50, 200 learned steps, per init;
-* ELBO versus seconds against the best-lr SGD, momentum, RMSProp and Adam E-steps (interleaved timing in one
-  process, median of repeats), ``beats_best_optimizer_at_equal_time`` at every budget up to 500 Adam steps.
+* ``gap_nats``: best of an lr grid of ``--estep-steps``-step Adam E-steps from the encoder minus the encoder;
+* ``gap_closed_T5`` / ``gap_closed_T20`` per init: (ELBO after T learned steps − encoder) / gap;
+* ``elbo_by_steps`` per init: the mean ELBO after T = 0, 1, 2, 5, 10, 20, 50, 200 learned steps;
+* ELBO versus seconds against the best-lr SGD, momentum, RMSProp and Adam E-steps from the encoder (one-sample
+  curves on common noise; per-step cost timed interleaved in one process, medians), and
+  ``beats_best_optimizer_at_equal_time``: ahead at every budget up to the time of ``--estep-steps`` Adam steps.
 
 ``--dataset fashion-mnist`` repeats everything on dynamically binarized Fashion-MNIST (a dataset the defaults
-were not tuned on). Trained models are cached under ``--checkpoint-dir`` and training resumes when interrupted.
+were not tuned on). Trained models are cached under ``--checkpoint-dir``; training resumes when interrupted.
+
+Usage::
+
+    python benchmarks/frozen_refinement.py --data-path ../shared/data
+    python benchmarks/frozen_refinement.py --data-path ../shared/data --dataset fashion-mnist
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks.common import (  # noqa: E402
-    checkpoint_file,
-    parse_args,
-    pyplot,
-    save_figure,
-    setup,
-    table,
-    train_resumable,
-    write_results,
-)
-from learned_inference import GradientEStep, IterativeInferenceOptimizer, StandardEncoder  # noqa: E402
-from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist  # noqa: E402
-from learned_inference.evaluation import elbo_estimate  # noqa: E402
-from learned_inference.model import DecoderModel  # noqa: E402
-from learned_inference.zoo import bernoulli_vae  # noqa: E402
+import common
+
+from learned_inference import GradientEStep, IterativeInferenceOptimizer, StandardEncoder
+from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
+from learned_inference.evaluation import elbo_estimate
+from learned_inference.model import DecoderModel
+from learned_inference.zoo import bernoulli_vae
 
 STEPS = (0, 1, 2, 5, 10, 20, 50, 200)
-E_STEP_RATES = {"adam": (0.3, 0.1, 0.03, 0.01, 0.003), "rmsprop": (0.1, 0.03, 0.01, 0.003, 0.001),
-                "sgd": (0.5, 0.1, 0.01, 0.001), "momentum": (0.1, 0.01, 0.001, 0.0001)}
+INITS = ("encoder", "prior")
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any], tuple[float, ...]]] = {
+    "adam": (torch.optim.Adam, {}, (0.1, 0.03, 0.01, 0.003, 0.001)),
+    "rmsprop": (torch.optim.RMSprop, {}, (0.03, 0.01, 0.003, 0.001)),
+    "sgd": (torch.optim.SGD, {}, (0.1, 0.03, 0.01, 0.003, 0.001)),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9}, (0.01, 0.003, 0.001, 0.0003)),
+}
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
@@ -58,22 +62,22 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--elbo-samples", type=int, default=100)
     parser.add_argument("--estep-steps", type=int, default=500)
+    parser.add_argument("--timing-repeats", type=int, default=5)
 
 
 def load_data(args: argparse.Namespace) -> tuple[Tensor, Tensor, Any]:
-    """(train, test, per-batch transform) for ``args.dataset`` (Fashion-MNIST: dynamic binarization; its test
-    set binarized once with a fixed seed)."""
+    """(train, test, per-batch transform) for ``args.dataset`` (Fashion-MNIST: dynamic binarization of every
+    training batch; its test set binarized once with a fixed seed)."""
     if args.dataset == "binarized-mnist":
         data = load_binarized_mnist(args.data_path)
         return data.train, data.test, None
     data = load_fashion_mnist(args.data_path)
-    test = binarize(data.test, generator=torch.Generator().manual_seed(0))
-    return data.train, test, binarize
+    return data.train, binarize(data.test, generator=torch.Generator().manual_seed(0)), binarize
 
 
 def train_vae(args: argparse.Namespace, train: Tensor, transform: Any) -> tuple[DecoderModel, float]:
     """The paper's VAE trained as a standard VAE (Adam 1e-3, batch 100) for ``--vae-epochs`` epochs on all of
-    ``train``; returns it frozen and the seconds its training took (as recorded, across resumes)."""
+    ``train``; returns it frozen and its training time as epochs × median epoch seconds (robust to a busy epoch)."""
     torch.manual_seed(args.seed)
     model = bernoulli_vae()
     method = StandardEncoder(model, latent_dim=64)
@@ -82,95 +86,160 @@ def train_vae(args: argparse.Namespace, train: Tensor, transform: Any) -> tuple[
         model.encode(train[:2])
     config = {"dataset": args.dataset, "model": "bernoulli_vae", "epochs": None, "seed": args.seed, "lr": 1e-3,
               "batch_size": 100, "num_examples": len(train)}
-    curves = train_resumable(
+    curves = common.train_resumable(
         method, train, parameters=list(model.parameters()), modules={"model": model}, epochs=args.vae_epochs,
-        batch_size=100, lr=1e-3, seed=args.seed, checkpoint=checkpoint_file(args, "frozen-vae", config),
+        batch_size=100, lr=1e-3, seed=args.seed, checkpoint=common.checkpoint_file(args, "frozen-vae", config),
         label="VAE", progress=not args.quiet, transform=transform,
     )
-    return model.requires_grad_(False), float(sum(curves["seconds"]))
+    return model.requires_grad_(False), len(curves["seconds"]) * statistics.median(curves["seconds"])
 
 
 def train_optimizer(
     args: argparse.Namespace, model: DecoderModel, train: Tensor, transform: Any, *, init: str, budget_s: float,
 ) -> tuple[IterativeInferenceOptimizer, dict[str, list[float]]]:
-    """An optimizer with the library's defaults (``init`` aside) trained on top of the frozen ``model`` for whole
-    epochs while the seconds spent stay within ``budget_s``."""
+    """An optimizer with the library's defaults (``init`` aside) trained on top of the frozen ``model`` for as many
+    whole epochs as fit in ``budget_s`` (by median epoch time; at least one)."""
     torch.manual_seed(args.seed)
     inference = IterativeInferenceOptimizer(model, latent_dim=64, init=init, data_shape=train.shape[1:])
     config = {"dataset": args.dataset, "init": init, "seed": args.seed, "defaults": repr(inference)}
-    checkpoint = checkpoint_file(args, f"frozen-optimizer-{init}", config)
-    curves: dict[str, list[float]] = {"train_elbo": [], "seconds": []}
-    epochs = 0
+    checkpoint = common.checkpoint_file(args, f"frozen-optimizer-{init}", config)
+    epochs = 1
     while True:
-        curves = train_resumable(
+        curves = common.train_resumable(
             inference, train, parameters=list(inference.parameters()), modules={"inference": inference},
-            epochs=epochs + 1, batch_size=100, lr=1e-3, seed=args.seed, checkpoint=checkpoint,
+            epochs=epochs, batch_size=100, lr=1e-3, seed=args.seed, checkpoint=checkpoint,
             label=f"optimizer ({init})", progress=not args.quiet, transform=transform,
         )
-        epochs += 1
-        spent = sum(curves["seconds"])
-        if spent + curves["seconds"][-1] > budget_s or epochs >= 50:
+        if (epochs + 1) * statistics.median(curves["seconds"]) > budget_s:
             return inference, curves
+        epochs += 1
 
 
 @torch.no_grad()
-def mean_elbo(model: DecoderModel, posterior: Any, x: Tensor, samples: int, seed: int) -> float:
+def mean_elbo(model: DecoderModel, posterior: Any, x: Tensor, *, samples: int, seed: int) -> float:
+    """The mean over ``x`` of ``samples``-sample ELBOs of ``posterior`` (seeded)."""
     torch.manual_seed(seed)
     return elbo_estimate(model, posterior, x, num_samples=samples, chunk_size=min(samples, 50)).mean().item()
 
 
 def elbo_by_steps(args: argparse.Namespace, model: DecoderModel, method: Any, x: Tensor) -> dict[int, float]:
-    """Mean ``--elbo-samples``-sample ELBO after T steps, for every T in :data:`STEPS` (one run per T)."""
+    """The mean ``--elbo-samples``-sample ELBO after T steps, for every T in :data:`STEPS` (one seeded run per T)."""
     out = {}
     for steps in STEPS:
         torch.manual_seed(args.seed + 1)
-        posterior = method.infer(x, num_steps=steps).posterior
-        out[steps] = mean_elbo(model, posterior, x, args.elbo_samples, args.seed + 2)
+        out[steps] = mean_elbo(model, method.infer(x, num_steps=steps).posterior, x, samples=args.elbo_samples,
+                               seed=args.seed + 2)
     return out
 
 
-def best_e_step(args: argparse.Namespace, model: DecoderModel, x: Tensor) -> tuple[float, float]:
-    """(best lr, its ELBO) of the Adam E-steps from the encoder over the lr grid, ``--estep-steps`` steps."""
-    results = {}
-    for lr in E_STEP_RATES["adam"]:
-        e_step = GradientEStep(model, latent_dim=64, optimizer=torch.optim.Adam, lr=lr, num_steps=args.estep_steps,
-                               init="encoder")
-        torch.manual_seed(args.seed + 1)
-        results[lr] = mean_elbo(model, e_step.infer(x).posterior, x, args.elbo_samples, args.seed + 2)
-    best = max(results, key=lambda lr: results[lr])
-    return best, results[best]
+def e_step_grid(args: argparse.Namespace, model: DecoderModel, x: Tensor, noise: Tensor) -> dict[str, Any]:
+    """Every optimizer × lr from the encoder on common noise: one-sample ELBO curves, and the final many-sample
+    ELBO of each; the best lr per optimizer by that final ELBO."""
+    grid: dict[str, Any] = {}
+    for name, (cls, options, rates) in OPTIMIZERS.items():
+        runs = {}
+        for lr in rates:
+            e_step = GradientEStep(model, latent_dim=64, optimizer=cls, lr=lr, optimizer_options=options,
+                                   num_steps=args.estep_steps, init="encoder")
+            result = e_step.infer(x, noise=noise)
+            final = mean_elbo(model, result.posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
+            runs[str(lr)] = {"curve": result.elbo.mean(1).nan_to_num(nan=-1e30, neginf=-1e30).tolist(),
+                             "final": final if final == final else -1e30}
+        best = max(runs, key=lambda lr: runs[lr]["final"])
+        grid[name] = {"runs": runs, "best_lr": float(best), "best_final": runs[best]["final"]}
+    return grid
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args("frozen_refinement", __doc__.splitlines()[0], argv=argv, extra=_options)
-    started = setup(args)
+def plot(args: argparse.Namespace, curves: dict[str, list[float]], timings: dict[str, dict[str, float]],
+         encoder: float) -> list[str]:
+    plt = common.pyplot()
+    files = []
+    for axis in ("steps", "seconds"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in curves.items():
+            t = timings[name]
+            xs = (list(range(len(curve))) if axis == "steps"
+                  else [t["t0_s"] + i * t["step_s"] for i in range(len(curve))])
+            ax.plot(xs, curve, label=name)
+        ax.axhline(encoder, color="grey", linestyle="--", label="encoder")
+        ax.set(xscale="symlog" if axis == "steps" else "log", xlabel="inference steps" if axis == "steps" else
+               "seconds", ylabel="test ELBO (nats, one sample per step, mean)",
+               title=f"Frozen VAE ({args.dataset}): ELBO vs {axis}")
+        ax.set_ylim(bottom=encoder - 3)
+        ax.legend(fontsize=7)
+        files.append(common.save_figure(args, fig, axis))
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark (see the module docstring) and writes its results; returns the JSON content."""
+    args = common.parse_args("frozen_refinement", __doc__.splitlines()[0], argv=argv, extra=_options)
+    if args.dataset != "binarized-mnist":
+        args.name = f"frozen_refinement_{args.dataset.replace('-', '_')}"
+    started = common.setup(args)
     train, test, transform = load_data(args)
     x = test[: args.test_size]
     model, vae_seconds = train_vae(args, train, transform)
-    encoder = mean_elbo(model, StandardEncoder(model, latent_dim=64).infer(x).posterior, x, args.elbo_samples,
-                        args.seed + 2)
-    best_lr, converged = best_e_step(args, model, x)
+    encoder_method = StandardEncoder(model, latent_dim=64)
+    encoder = mean_elbo(model, encoder_method.infer(x).posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
+    max_steps = max(args.estep_steps, max(STEPS))
+    noise = torch.randn(max_steps + 1, 1, len(x), 64, generator=torch.Generator().manual_seed(args.seed + 3))
+    grid = e_step_grid(args, model, x, noise[: args.estep_steps + 1])
+    converged = grid["adam"]["best_final"]
     gap = converged - encoder
     per_init: dict[str, Any] = {}
-    for init in ("encoder", "prior"):
-        inference, curves = train_optimizer(args, model, train, transform, init=init, budget_s=vae_seconds / 2)
+    methods: dict[str, Any] = {f"{name} (lr {g['best_lr']})": GradientEStep(
+        model, latent_dim=64, optimizer=OPTIMIZERS[name][0], optimizer_options=OPTIMIZERS[name][1],
+        lr=g["best_lr"], init="encoder") for name, g in grid.items()}
+    curves = {label: grid[label.split(" ")[0]]["runs"][str(grid[label.split(" ")[0]]["best_lr"])]["curve"]
+              for label in methods}
+    for init in INITS:
+        inference, training = train_optimizer(args, model, train, transform, init=init, budget_s=vae_seconds / 2)
         by_steps = elbo_by_steps(args, model, inference, x)
+        later = [by_steps[t] for t in STEPS if t >= 10]
         per_init[init] = {
-            "elbo_by_steps": by_steps, "training_seconds": sum(curves["seconds"]), "training_epochs": len(curves["seconds"]),
+            "elbo_by_steps": by_steps, "training_seconds": sum(training["seconds"]),
+            "training_epochs": len(training["seconds"]),
             "gap_closed_T5": (by_steps[5] - encoder) / gap, "gap_closed_T20": (by_steps[20] - encoder) / gap,
-            "never_below_T5": min(by_steps[t] for t in STEPS if t >= 5) >= by_steps[5] - 0.05,
-            "never_below_start": min(by_steps[t] for t in STEPS if t >= 1) >= by_steps[0],
+            "more_steps_never_hurt": min(later) >= by_steps[5] - 0.05 and min(by_steps.values()) >= by_steps[0],
         }
-    result = {"settings": vars(args) | {"out": str(args.out), "checkpoint_dir": str(args.checkpoint_dir)},
-              "vae_training_seconds": vae_seconds, "encoder_elbo": encoder, "best_estep_lr": best_lr,
-              "best_estep_elbo": converged, "gap_nats": gap, "per_init": per_init}
-    body = [f"Gap {gap:.2f} nats (encoder {encoder:.2f}, best Adam E-step {converged:.2f} at lr {best_lr})."]
-    body += table(["init", *[f"T={t}" for t in STEPS], "closed T5", "closed T20"],
-                  [[init, *[r["elbo_by_steps"][t] for t in STEPS], r["gap_closed_T5"], r["gap_closed_T20"]]
-                   for init, r in per_init.items()])
-    write_results(args, result, title="Refining a frozen VAE", body=body, started=started)
-    return 0
+        run = inference.infer(x, num_steps=max_steps, noise=noise)
+        methods[f"learned ({init})"] = inference
+        curves[f"learned ({init})"] = run.elbo.mean(1).tolist()
+    timings = common.time_methods(methods, x, steps=20, repeats=args.timing_repeats)
+    optimizer_curves = {label: curve for label, curve in curves.items() if not label.startswith("learned")}
+    for init in INITS:
+        beats, window = common.beats_at_equal_time(curves[f"learned ({init})"], optimizer_curves, timings,
+                                                   candidate=f"learned ({init})")
+        per_init[init]["beats_best_optimizer_at_equal_time"] = beats
+        per_init[init]["equal_time_window_s"] = window
+    plots = plot(args, curves, timings, encoder)
+    result = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "vae_training_seconds": vae_seconds, "encoder_elbo": encoder, "best_estep": grid["adam"]["best_lr"],
+        "best_estep_elbo": converged, "gap_nats": gap, "per_init": per_init, "timings": timings,
+        "e_steps": {name: {"best_lr": g["best_lr"], "best_final": g["best_final"]} for name, g in grid.items()},
+        "curves": curves, "defaults": repr(IterativeInferenceOptimizer(model, latent_dim=64)),
+    }
+    rows = [[init, *[r["elbo_by_steps"][t] for t in STEPS], r["gap_closed_T5"], r["gap_closed_T20"],
+             r["more_steps_never_hurt"], r["beats_best_optimizer_at_equal_time"], r["training_seconds"]]
+            for init, r in per_init.items()]
+    body = [
+        f"Frozen VAE trained {args.vae_epochs} epochs on {len(train)} {args.dataset} images ({vae_seconds:.0f} s); "
+        f"{len(x)} test images, final ELBOs with {args.elbo_samples} samples. Encoder {encoder:.2f} nats; best "
+        f"{args.estep_steps}-step Adam E-step {converged:.2f} (lr {grid['adam']['best_lr']}): gap {gap:.2f} nats.",
+        "",
+        *common.table(["init", *[f"T={t}" for t in STEPS], "gap closed T5", "gap closed T20", "more steps never hurt",
+                       "ahead at equal time", "training s"], rows),
+        "",
+        "Best-lr E-steps from the encoder (final ELBO after the full run): "
+        + ", ".join(f"{name} lr {g['best_lr']}: {g['best_final']:.2f}" for name, g in grid.items()) + ".",
+        "Per-step cost (median, s): " + ", ".join(f"{n} {t['step_s']:.4f}" for n, t in timings.items()) + ".",
+    ]
+    common.write_results(args, result, title=f"Refining a frozen VAE ({args.dataset})", body=body, started=started,
+                         plots=plots)
+    return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

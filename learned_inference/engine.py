@@ -299,6 +299,17 @@ class Trajectory:
     steps: Tensor
 
 
+def _detached(state: Any) -> Any:
+    """``state`` (tensors in nested tuples, lists and dicts) with every tensor that has a graph detached."""
+    if isinstance(state, Tensor):
+        return state.detach() if state.requires_grad else state
+    if isinstance(state, dict):
+        return {key: _detached(value) for key, value in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(_detached(value) for value in state)
+    return state
+
+
 def _stack(values: list[Tensor], batch: int, like: Tensor) -> Tensor:
     return torch.stack(values) if values else like.new_zeros(0, batch)
 
@@ -401,6 +412,8 @@ def refine(
                               healthy=healthy, t=t, noise=noise_t, objective=objective)
         with torch.set_grad_enabled(train):
             proposal, state = step(context, state)
+            if not through_steps:  # constant memory: no graph is carried from step to step
+                state = _detached(state)
             proposal = objective.family.constrain(proposal)
             # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing), as do stopped ones.
             update = healthy & moving

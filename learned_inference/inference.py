@@ -34,9 +34,16 @@ from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.engine import ON_NONFINITE, Stopping, Training, Trajectory, refine
 from learned_inference.families import Family, Params, detach, make_family
-from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model
+from learned_inference.model import (
+    LatentModel,
+    LatentSpace,
+    check_batch_norm_modes,
+    check_log_joint,
+    check_model,
+    check_support,
+)
 from learned_inference.objectives import Objective, prior_moments, sample_noise
-from learned_inference.validation import check_data, check_int, check_placement
+from learned_inference.validation import check_data, check_int, check_placement, check_tensor
 
 __all__ = ["InferenceMethod", "InferenceResult"]
 
@@ -107,7 +114,7 @@ class InferenceMethod(nn.Module):
         self.num_steps = check_int("num_steps", num_steps, minimum=0)
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
         if antithetic and num_samples % 2:
-            raise ValueError(f"antithetic=True needs an even num_samples (pairs ε, −ε), got {num_samples}")
+            raise ValueError(f"antithetic=True needs an even num_samples (pairs ε and -ε), got {num_samples}")
         self.antithetic = bool(antithetic)
         self.family = self._make_family(family)
         self.analytic_kl = analytic_kl
@@ -215,25 +222,44 @@ class InferenceMethod(nn.Module):
         )
 
     def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
-        """Validates x and noise, and on the first call the shape of ``model.log_joint``'s output."""
+        """Validates x (placement, the likelihood's support) and noise; on the first call the model contract
+        (:func:`~learned_inference.model.check_log_joint`), on later ones the modes of the batch norms it found."""
         check_data(x)
         check_placement(x, {"the model": self.model, "the inference method": self})
+        check_support(self.model, x)
         if noise is not None:
             shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
-            if list(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} ([num_steps + 1, S, B, D]), got {list(noise.shape)}")
+            # non-finite noise is allowed: the examples it reaches are reported by the engine's non-finite policy
+            check_tensor("noise", noise, shape=shape, like=x, layout="[num_steps + 1, S, B, D]", finite=False)
+        # the layout init_params must have (``_refine`` calls _flatten right after this)
+        self._init_layout = (x.shape[0], x.dtype, x.device)
         if not self._model_checked:
-            check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
+            self._batch_norms = check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
             self._model_checked = True
+        else:
+            check_batch_norm_modes(getattr(self, "_batch_norms", ()))
 
     def _flatten(self, params: dict[str, Any]) -> Params:
-        """The public form of λ (per variable for several latents) → the flat internal form, validated."""
+        """The public form of λ (per variable for several latents) → the flat internal form, validated: every
+        entry a finite ``[B, D]`` tensor in x's dtype and device, named ``init_params[...]`` in errors."""
         names, space = self.family.param_names, self.space
-        if space.names is not None:
-            params = {p: space.merge({v: params[v][p] for v in space.names}) for p in names}
-        if set(params) != set(names):
-            raise ValueError(f"init_params must have entries {list(names)}, got {sorted(params)}")
-        return {name: params[name] for name in names}
+        batch, dtype, device = self._init_layout
+        like = torch.empty(0, dtype=dtype, device=device)
+
+        def entries(value: object, keys: tuple[str, ...], label: str) -> Mapping[str, Any]:
+            if not isinstance(value, Mapping) or set(value) != set(keys):
+                got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+                raise ValueError(f"{label} must have entries {list(keys)} (a dict like result.params), got {got}")
+            return value
+
+        given = entries(params, names if space.names is None else space.names, "init_params")
+        if space.names is None:
+            return {p: check_tensor(f"init_params[{p!r}]", given[p], shape=[batch, space.total_dim], like=like,
+                                    layout="[B, D]") for p in names}
+        blocks = {v: entries(given[v], names, f"init_params[{v!r}]") for v in space.names}
+        return {p: space.merge({v: check_tensor(f"init_params[{v!r}][{p!r}]", blocks[v][p],
+                                                shape=[batch, space.sizes[v]], like=like, layout="[B, D]")
+                                for v in space.names}) for p in names}
 
     def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:
         """The flat internal λ → (public params, posterior), detached."""

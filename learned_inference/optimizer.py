@@ -43,7 +43,8 @@ def learned_step(
     per latent variable, each reading that variable's view of the step and proposing its block of λ.
 
     Returns:
-        The proposed λ_{t+1} (before the family's constraints) and the networks' states by part.
+        The proposed λ_{t+1} (before the family's constraints) and, by part, the states of the network and the
+        update to carry to the next step.
     """
     states: dict[str | None, Any] = {}
     blocks: dict[str | None, Params] = {}
@@ -52,8 +53,10 @@ def learned_step(
         view = context if variable is None else context.restrict(variable)
         with full_precision(context.x):
             features = encoding(view)
-        hidden, states[variable] = part(features, None if state is None else state[variable])
-        blocks[variable] = updates[variable](hidden, view)
+        network_state, update_state = (None, None) if state is None else state[variable]
+        hidden, network_state = part(features, network_state)
+        blocks[variable], update_state = updates[variable](hidden, view, update_state)
+        states[variable] = (network_state, update_state)
     if None in blocks:
         return blocks[None], states
     return {n: torch.cat([block[n] for block in blocks.values()], -1) for n in context.params}, states

@@ -8,9 +8,12 @@ parameter (so μ and log σ² are gated independently):
 Residual update (Andrychowicz et al. 2016): λ_{t+1} = λ_t + f_t.
 
 Natural-gradient update: a learned, per-component step size on the gradient preconditioned by the inverse Fisher
-information of q_λ (a learned preconditioner whose step vanishes with the gradient):
+information of q_λ (a learned preconditioner whose step vanishes with the gradient), with learned momentum:
 
-    λ_{t+1} = λ_t + η_t ⊙ F(λ_t)⁻¹ ∇_λ L_t,     η_t = η_max · sigmoid(W_η h_t + b_η).
+    v_{t+1} = β_t ⊙ v_t + η_t ⊙ F(λ_t)⁻¹ ∇_λ L_t,   λ_{t+1} = λ_t + v_{t+1},
+    η_t = η_max · sigmoid(W_η h_t + b_η),   β_t = sigmoid(W_β h_t + b_β)   (v_0 = 0; β = 0 without momentum).
+
+Updates may carry state from step to step (the momentum v): ``forward(hidden, context, state) -> (λ, state)``.
 
 Example:
     >>> import torch
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -63,7 +67,8 @@ class Update(nn.Module):
     hidden_size: int
     dim: int
 
-    def forward(self, hidden: Tensor, context: StepContext) -> Params:
+    def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
+        """The next λ and the state to carry to the next step (None at the first step)."""
         raise NotImplementedError
 
     def parts(self) -> dict[str | None, Update]:
@@ -115,11 +120,11 @@ class GatedUpdate(Update):
         self.targets = _heads(param_names, hidden_size, dim)
         self.gates = _heads(param_names, hidden_size, dim)
 
-    def forward(self, hidden: Tensor, context: StepContext) -> Params:
+    def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
         return {
             name: gated_update(value, self.targets[name](hidden), self.gates[name](hidden).sigmoid())
             for name, value in context.params.items()
-        }
+        }, None
 
 
 class ResidualUpdate(Update):
@@ -137,16 +142,17 @@ class ResidualUpdate(Update):
         self.hidden_size, self.dim = hidden_size, dim
         self.deltas = _heads(param_names, hidden_size, dim, init_scale=init_scale)
 
-    def forward(self, hidden: Tensor, context: StepContext) -> Params:
-        return {name: residual_update(value, self.deltas[name](hidden)) for name, value in context.params.items()}
+    def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
+        return {name: residual_update(value, self.deltas[name](hidden)) for name, value in context.params.items()}, None
 
 
 class NaturalGradientUpdate(Update):
-    """λ + η ⊙ F⁻¹∇_λ L with a learned step size η ∈ (0, η_max) per component (see the module docstring).
+    """λ + v with v ← β ⊙ v + η ⊙ F⁻¹∇_λ L: a learned step size η ∈ (0, η_max) and momentum β ∈ (0, 1) per
+    component (see the module docstring).
 
-    The step vanishes with the gradient, so a stationary point of the ELBO is a fixed point of the optimizer
-    however many steps it runs; where q's precision matches the posterior's, η = 1 is Newton's step. The heads
-    start near ``init_step`` for every input.
+    The step vanishes with the gradient (and the momentum decays), so a stationary point of the ELBO is a fixed
+    point of the optimizer however many steps it runs; where q's precision matches the posterior's, η = 1 is
+    Newton's step. The heads start near ``init_step`` and ``init_momentum`` for every input.
 
     Args:
         param_names: the names of λ's parameters.
@@ -154,22 +160,33 @@ class NaturalGradientUpdate(Update):
         dim: the latent size D.
         max_step: η_max.
         init_step: the step size every component starts with, in (0, max_step).
+        momentum: learn a momentum β (else β = 0: no state).
+        init_momentum: the momentum every component starts with, in (0, 1).
     """
 
     def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int, max_step: float = 2.0,
-                 init_step: float = 0.5) -> None:
+                 init_step: float = 0.5, momentum: bool = False, init_momentum: float = 0.5) -> None:
         super().__init__()
         if not 0 < init_step < max_step:
             raise ValueError(f"need 0 < init_step < max_step, got init_step={init_step!r}, max_step={max_step!r}")
+        if not 0 < init_momentum < 1:
+            raise ValueError(f"need 0 < init_momentum < 1, got {init_momentum!r}")
         self.hidden_size, self.dim, self.max_step = hidden_size, dim, float(max_step)
-        fraction = init_step / max_step
-        self.steps = _heads(param_names, hidden_size, dim, init_scale=1e-3,
-                            init_bias=math.log(fraction / (1 - fraction)))
+        self.steps = _heads(param_names, hidden_size, dim, init_scale=1e-3, init_bias=_logit(init_step / max_step))
+        self.momenta = (_heads(param_names, hidden_size, dim, init_scale=1e-3, init_bias=_logit(init_momentum))
+                        if momentum else None)
 
-    def forward(self, hidden: Tensor, context: StepContext) -> Params:
+    def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
         natural = context.natural_grads
-        return {name: value + self.max_step * self.steps[name](hidden).sigmoid() * natural[name]
-                for name, value in context.params.items()}
+        velocity = {name: self.max_step * self.steps[name](hidden).sigmoid() * natural[name] for name in natural}
+        if self.momenta is not None and state is not None:
+            velocity = {name: self.momenta[name](hidden).sigmoid() * state[name] + v for name, v in velocity.items()}
+        params = {name: value + velocity[name] for name, value in context.params.items()}
+        return params, velocity if self.momenta is not None else None
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 _UPDATES: dict[str, type[Update]] = {"gated": GatedUpdate, "residual": ResidualUpdate,

@@ -50,7 +50,7 @@ def _reference_losses(inference, x, noise):
                               noise=noise[t], objective=Objective(model, family, space, prior))
         features = inference.encoding(context)
         hidden, state = inference.network(features, state)
-        params = family.constrain(inference.update(hidden, context))
+        params = family.constrain(inference.update(hidden, context)[0])
         model.requires_grad_(False)
         phi_loss = phi_loss - elbo(model, family, params, x, noise[t + 1], space=space, prior=prior).mean() / T
         model.requires_grad_(True)
