@@ -208,7 +208,7 @@ def train_resumable(
     objects = {**modules, "optim": optim, "history": history}
     start = 0
     if checkpoint is not None and checkpoint.is_file():
-        start = min(load_checkpoint(checkpoint, **objects)["step"], epochs)
+        start = min(load_checkpoint(checkpoint, restore_rng=True, **objects)["step"], epochs)
         if progress:
             print(f"{label}: resumed from {checkpoint} at epoch {start}", file=sys.stderr)
     bar = tqdm(range(start, epochs), desc=f"training {label}", disable=not progress, initial=start, total=epochs)

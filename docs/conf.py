@@ -115,7 +115,7 @@ def integration_reference(module: str) -> str:
     except ImportError:
         return (
             f"\n`{module}` is not documented in this build: it needs {library} "
-            f"(`pip install \"learned-inference[{extra}]\"`).\n"
+            f"(from a clone: `pip install -e \".[{extra}]\"`).\n"
         )
     return f"\n```{{eval-rst}}\n.. automodule:: {module}\n```\n"
 

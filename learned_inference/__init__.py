@@ -17,6 +17,7 @@ from learned_inference.baselines import (
     momentum_ascent_step,
 )
 from learned_inference.block_family import BlockDistribution, BlockFamily
+from learned_inference.checkpoint import CheckpointError
 from learned_inference.context import StepContext
 from learned_inference.encodings import (
     Concat,
@@ -41,6 +42,7 @@ from learned_inference.likelihoods import (
     GaussianLikelihood,
     Likelihood,
     MultinomialLikelihood,
+    log_var_from_squared_error,
     make_likelihood,
 )
 from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
@@ -70,6 +72,7 @@ __all__ = [
     "BernoulliProbsLikelihood",
     "BlockDistribution",
     "BlockFamily",
+    "CheckpointError",
     "Concat",
     "Data",
     "DecoderModel",
@@ -119,6 +122,7 @@ __all__ = [
     "elbo_and_grad",
     "fit",
     "gated_update",
+    "log_var_from_squared_error",
     "make_encoding",
     "make_family",
     "make_likelihood",

@@ -41,7 +41,7 @@ from learned_inference.context import StepContext
 from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
-from learned_inference.model import LatentModel
+from learned_inference.model import LatentModel, encoder_output
 from learned_inference.networks import HighwayEncoder
 
 __all__ = [
@@ -162,12 +162,14 @@ class _GradientRefinement(InferenceMethod):
         return super().forward(x, init_params=init_params, noise=noise)
 
     def init(self, x: Tensor) -> Params:
-        """λ_0: the prior, or the encoder's (loc, log_var) with its graph."""
+        """λ_0: the prior, or the encoder's (loc, log_var) with its graph (checked by
+        :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them)."""
         space = self.space
         if self.encoder is None:
             return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
-        encoded = dict(zip(("loc", "log_var"), self.encoder(x), strict=True))
-        flat = {n: v if isinstance(v, Tensor) else space.merge(v) for n, v in encoded.items()}
+        source = {"encoder": "model.encode(x)", "highway": "the highway encoder"}.get(self.start, "the init= encoder")
+        loc, log_var = encoder_output(self.encoder(x), batch=x.shape[0], space=space, source=source, fix="init=")
+        flat = {"loc": space.merge(loc), "log_var": space.merge(log_var)}
         return self.family.constrain({name: flat[name] for name in self.family.param_names})
 
     def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:

@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     start = 0
     if checkpoint.is_file():
-        start = load_checkpoint(checkpoint, model=model, inference=inference, optim=optim)["step"]
+        start = load_checkpoint(checkpoint, restore_rng=True, model=model, inference=inference, optim=optim)["step"]
         print(f"resumed from {checkpoint} at epoch {start}")
     for epoch in range(start, args.epochs):
         history = fit(inference, data.train, epochs=1, optimizer=optim, batch_size=args.batch_size,

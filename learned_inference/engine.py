@@ -431,10 +431,14 @@ def _report_unhealthy(healthy: Tensor, on_nonfinite: str) -> None:
     if bad.numel() == 0:
         return
     shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.numel() > 10 else "")
+    at_start = int((~healthy[0, bad]).sum())
     message = (
         f"{bad.numel()} of {healthy.shape[1]} examples had a non-finite ELBO or λ-gradient (examples {shown}); their "
-        "λ was kept at its last finite value and they were left out of the loss. Their entries in "
-        "result.elbo are not finite. Check the model for overflow (e.g. unbounded decoder outputs)."
+        "λ was kept at its last finite value and they were left out of the loss. Their entries in result.elbo are "
+        f"not finite. {at_start} of them were not finite from the start (λ_0): that points at the data (extreme "
+        "values, or values the model's log-density does not accept: check x at those examples); the others became "
+        "non-finite during refinement: that points at the model (decoder outputs or a learned variance that "
+        "overflow at the λ the steps reached) or at too large steps."
     )
     if on_nonfinite == "raise":
         raise FloatingPointError(message)

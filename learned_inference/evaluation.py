@@ -30,8 +30,9 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from learned_inference.baselines import GradientEStep
-from learned_inference.inference import InferenceResult, check_int
-from learned_inference.model import LatentModel
+from learned_inference.inference import InferenceResult
+from learned_inference.model import LatentModel, check_support
+from learned_inference.validation import check_data, check_int
 
 __all__ = [
     "amortization_gap",
@@ -73,9 +74,15 @@ def log_weights(model: LatentModel, posterior: Posterior, x: Tensor, *, num_samp
 def _chunks(
     model: LatentModel, posterior: Posterior, x: Tensor, *, num_samples: int, chunk_size: int
 ) -> Iterator[Tensor]:
-    """Log weights ``[c, B]`` in float64, ``chunk_size`` samples at a time, ``num_samples`` in all."""
+    """Log weights ``[c, B]`` in float64, ``chunk_size`` samples at a time, ``num_samples`` in all.
+
+    ``x`` is checked first (finite floating-point data in the model's support), so a bad batch fails with an error
+    instead of a plausible-looking bound.
+    """
     check_int("num_samples", num_samples, minimum=1)
     check_int("chunk_size", chunk_size, minimum=1)
+    check_data(x)
+    check_support(model, x)
     for begin in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - begin)
         yield log_weights(model, posterior, x, num_samples=size).double()

@@ -122,6 +122,7 @@ class InferenceMethod(nn.Module):
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
         self._model_checked = False
+        self._batch_norms: tuple[Any, ...] = ()
 
     def _make_family(self, family: str | Family | Mapping[str, str | Family]) -> Family:
         """One representation of several latent variables: a :class:`BlockFamily` (one family per variable)."""
@@ -204,7 +205,7 @@ class InferenceMethod(nn.Module):
     ) -> InferenceResult:
         self._check_inputs(x, num_steps, noise)
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
-        initial = self.init(x) if init_params is None else self._flatten(init_params)
+        initial = self.init(x) if init_params is None else self._flatten(init_params, x)
         trajectory = refine(
             self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior),
             num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
@@ -231,20 +232,17 @@ class InferenceMethod(nn.Module):
             shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
             # non-finite noise is allowed: the examples it reaches are reported by the engine's non-finite policy
             check_tensor("noise", noise, shape=shape, like=x, layout="[num_steps + 1, S, B, D]", finite=False)
-        # the layout init_params must have (``_refine`` calls _flatten right after this)
-        self._init_layout = (x.shape[0], x.dtype, x.device)
         if not self._model_checked:
             self._batch_norms = check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
             self._model_checked = True
         else:
-            check_batch_norm_modes(getattr(self, "_batch_norms", ()))
+            check_batch_norm_modes(self._batch_norms)
 
-    def _flatten(self, params: dict[str, Any]) -> Params:
+    def _flatten(self, params: dict[str, Any], x: Tensor) -> Params:
         """The public form of λ (per variable for several latents) → the flat internal form, validated: every
         entry a finite ``[B, D]`` tensor in x's dtype and device, named ``init_params[...]`` in errors."""
         names, space = self.family.param_names, self.space
-        batch, dtype, device = self._init_layout
-        like = torch.empty(0, dtype=dtype, device=device)
+        batch, like = x.shape[0], x.new_empty(0)
 
         def entries(value: object, keys: tuple[str, ...], label: str) -> Mapping[str, Any]:
             if not isinstance(value, Mapping) or set(value) != set(keys):

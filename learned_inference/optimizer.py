@@ -26,7 +26,7 @@ from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShape
 from learned_inference.engine import Training, mean_over_steps
 from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
-from learned_inference.model import LatentModel, LatentSpace
+from learned_inference.model import LatentModel, LatentSpace, encoder_output
 from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_network
 from learned_inference.updates import PerVariableUpdate, Update, make_update
 from learned_inference.validation import check_int
@@ -201,7 +201,8 @@ class IterativeInferenceOptimizer(InferenceMethod):
         """λ_0: the prior, or the model's encoder (its graph kept, so the encoder learns from −L_0)."""
         if self.start == "prior":
             return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
-        loc, log_var = self.model.encode(x)  # type: ignore[attr-defined]
+        loc, log_var = encoder_output(self.model.encode(x), batch=x.shape[0], space=self.space,  # type: ignore[attr-defined]
+                                      source="model.encode(x)", fix="VAEModel(vae, ..., encode=...)")
         encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
         return self.family.constrain({name: encoded[name] for name in self.family.param_names})
 

@@ -170,7 +170,8 @@ def fit(
     Raises:
         TypeError: ``method``, ``data``, a batch, ``validation``, ``optimizer`` or ``seed`` of the wrong type.
         ValueError: ``epochs`` or ``batch_size`` not an int >= 1, ``lr`` not positive or given with an
-            ``optimizer``, empty data, an epoch without batches (a one-shot iterator), no trainable parameters.
+            ``optimizer``, empty data, an epoch without batches (a one-shot iterator), no trainable parameters, or a
+            loss that depends on none of them (e.g. ``num_steps=0`` with a frozen model).
 
     Example:
         >>> import torch
@@ -214,6 +215,7 @@ def fit(
                 x = transform(x, generator=generators[x.device])
             optimizer.zero_grad()
             result = method(x)
+            _check_trains(method, result.loss)
             result.loss.backward()
             optimizer.step()
             total = total + result.elbo[-1].detach().sum().double()  # no synchronisation per batch
@@ -229,6 +231,20 @@ def fit(
             shown["validation_elbo"] = f"{history.validation_elbo[-1]:.2f}"
         bar.set_postfix(shown)
     return history
+
+
+def _check_trains(method: nn.Module, loss: Tensor) -> None:
+    """Raises a ``ValueError`` that says why when ``loss`` depends on no parameter that requires grad."""
+    if loss.requires_grad:
+        return
+    steps = getattr(method, "num_steps", None)
+    reason = (f"with num_steps={steps} no refinement step runs, so the update network is unused, and "
+              if steps == 0 else "")
+    raise ValueError(
+        f"{type(method).__name__}(x).loss does not depend on any parameter that requires grad: {reason}the model's "
+        "parameters are frozen (requires_grad=False) or not used by the loss. Nothing would train. Use num_steps >= 1 "
+        "to train the update network, or unfreeze the model (model.requires_grad_(True)) to train it."
+    )
 
 
 def _check_tensor(name: str, x: object) -> Tensor:

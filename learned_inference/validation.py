@@ -11,10 +11,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_data", "check_int", "check_placement"]
+__all__ = ["check_data", "check_int", "check_placement", "check_tensor"]
 
 
 def check_int(name: str, value: object, *, minimum: int) -> int:
@@ -39,6 +41,46 @@ def check_data(x: object) -> Tensor:
             "clean or drop them before inference"
         )
     return x
+
+
+def check_tensor(
+    name: str, value: object, *, shape: Sequence[int], like: Tensor, layout: str, finite: bool = True
+) -> Tensor:
+    """Returns ``value`` if it is a (finite) tensor of ``shape`` with ``like``'s dtype and device; else raises.
+
+    For tensors a user passes next to x (``noise``, ``init_params``): the error names the argument, what is wrong
+    and how to fix it.
+
+    Args:
+        name: the argument as the user wrote it (e.g. ``"init_params['loc']"``).
+        value: what was passed.
+        shape: the expected shape.
+        like: a tensor with the expected dtype and device (x).
+        layout: the shape's meaning, shown in errors (e.g. ``"[B, D]"``).
+        finite: also require finite entries.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: wrong shape, dtype or device, or NaN/infinite entries.
+
+    Example:
+        >>> check_tensor("noise", torch.zeros(2, 3), shape=[2, 4], like=torch.zeros(0), layout="[S, D]")
+        Traceback (most recent call last):
+        ...
+        ValueError: noise must have shape [2, 4] ([S, D]), got [2, 3]
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)} ({layout}), got {type(value).__name__}")
+    if list(value.shape) != list(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} ({layout}), got {list(value.shape)}")
+    if value.dtype != like.dtype:
+        raise ValueError(f"{name} has dtype {value.dtype} but x has {like.dtype}; convert it with .to(x.dtype)")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {like.device}; move it with .to(x.device)")
+    if finite and not bool(torch.isfinite(value).all()):
+        where = (~torch.isfinite(value)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or infinite values (first at index {where}); pass finite values")
+    return value
 
 
 def check_placement(x: Tensor, owners: dict[str, object]) -> None:

@@ -406,6 +406,10 @@ class TwoLevelVAE(nn.Module):
         log_p_z1 = gaussian_log_prob(loc, log_var, z["z1"]).sum(-1)
         return self.likelihood.log_prob(self.decoder_x(z["z1"]), x) + log_p_z1 + gaussian_standard_log_prob(z["z2"])
 
+    def check_support(self, x: Tensor) -> None:
+        """Raises ``ValueError`` if ``x`` is outside [0, 1], the Bernoulli likelihood's support."""
+        self.likelihood.check_support(x)
+
 
 class BottomUpEncoder(nn.Module):
     """The standard hierarchical encoder (bottom-up only): x → h1 → (μ1, log σ1²), h1 → h2 → (μ2, log σ2²).

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,7 +42,7 @@ def _train(module: torch.nn.Module, parameters: list[torch.nn.Parameter], x, noi
         optim.step()
 
 
-def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
+def _run(rank: int, rendezvous: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
@@ -57,17 +61,33 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
             _train(ddp, list(ddp.parameters()), x[shard], noise[:, :, shard])
             grads = {name: p.grad for name, p in joint.named_parameters()}
             torch.save({"grads": grads, "reductions": reductions[0]}, f"{out_dir}/{network}-{rank}.pt")
-        # Both ranks finish their collectives before either tears gloo down (else one can abort at exit).
+        # Both ranks finish their collectives before either tears gloo down.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, run: Callable[..., None], *args: object) -> None:
+    """Runs ``run(rank, *args)``; on success ends the process at once, skipping interpreter finalization.
+
+    DDP's lazy ``torch._dynamo`` import keeps references to the default group, so ``destroy_process_group()`` leaves
+    gloo's worker threads alive, and the last all-reduce's comm-hook future can be released on one of them while
+    the interpreter finalizes: ``terminate called without an active exception`` (SIGABRT) in about 5% of runs
+    (pytorch#190489). Everything this worker produces is on disk (``torch.save`` closes its files) and its streams
+    are flushed first, so ``os._exit(0)`` loses nothing. A failure raises out of ``run`` instead, and ``mp.spawn``
+    reports it with its traceback as before (see the last test).
+    """
+    run(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     """Runs the 2-process training once for all tests here: {network: [rank 0 result, rank 1 result]}."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_run, str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
     return {n: [torch.load(out / f"{n}-{r}.pt") for r in range(WORLD)] for n in NETWORKS}
 
 
@@ -110,3 +130,13 @@ def test_model_with_inference_registers_model_and_update_network():
     assert not lazy.is_sized
     with pytest.raises(TypeError, match="inference must be an IterativeInferenceOptimizer"):
         ModelWithInference(joint.model)  # type: ignore[arg-type]
+
+
+def _fail(rank: int) -> None:
+    raise RuntimeError(f"rank {rank} failed on purpose")
+
+
+def test_a_failing_worker_still_fails_the_run():
+    """os._exit(0) ends successful workers only: an exception still reaches the parent with its message."""
+    with pytest.raises(mp.ProcessRaisedException, match="rank 0 failed on purpose"):
+        mp.spawn(_worker, args=(_fail,), nprocs=1, join=True)

@@ -67,7 +67,7 @@ def test_model_dtype_mismatch_is_named():
 def test_latent_dim_not_matching_the_model_is_explained():
     model = DecoderModel(mlp_decoder(D, X), likelihood="bernoulli", latent_dim=D)
     inference = IterativeInferenceOptimizer(model, latent_dim=D + 2, hidden_size=8).double()
-    with pytest.raises(ValueError, match="Check that latent_dim matches the model"):
+    with pytest.raises(ValueError, match="declares latent_dim=3 but the inference method was given latent_dim=5"):
         inference.infer(_x())
 
 
@@ -276,7 +276,7 @@ def test_resumed_training_reproduces_the_uninterrupted_run(tmp_path):
     save_checkpoint(tmp_path / "run.pt", step=4, model=model, inference=inference, optim=optim)
     _train(model, inference, optim, 6, start=4)  # progress after the checkpoint that is thrown away
     model, inference, optim = fresh()
-    step = load_checkpoint(tmp_path / "run.pt", model=model, inference=inference, optim=optim)["step"]
+    step = load_checkpoint(tmp_path / "run.pt", restore_rng=True, model=model, inference=inference, optim=optim)["step"]
     resumed = first + _train(model, inference, optim, 8, start=step)
     assert resumed == uninterrupted
 
