@@ -123,11 +123,15 @@ class IterativeInferenceOptimizer(InferenceMethod):
         network: ``"highway"`` (feed-forward, default), ``"lstm"``, ``"gru"``, an
             :class:`~learned_inference.networks.UpdateNetwork`, or one per latent variable (a
             :class:`~learned_inference.networks.PerVariableNetwork`, or a dict of names/networks).
-        update: ``"gated"`` (eq. 62, default), ``"residual"``, or an :class:`~learned_inference.updates.Update`.
+        update: ``"gated"`` (the paper's eq. 62, default), ``"natural_gradient"`` (a learned step size and momentum
+            on F⁻¹∇_λ L: the step vanishes with the gradient, so more steps do not drift; with ``num_samples=2`` the
+            recommended choice for refining a frozen VAE, see ``benchmarks/results/frozen_refinement.md``),
+            ``"residual"``, or an :class:`~learned_inference.updates.Update`.
         hidden_size: units per layer of a network built from a name (default 512).
         num_layers: hidden layers of a highway network built from a name (default 2).
         num_samples: reparameterized samples S per ELBO evaluation.
-        antithetic: draw them in antithetic pairs (ε, −ε) (S even): the λ-gradient's noise term linear in ε cancels.
+        antithetic: draw them in antithetic pairs (ε, −ε): the λ-gradient's noise term linear in ε cancels, which
+            lets the learned steps be large without chasing noise. Default (None): pairs when S is even.
         init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         backprop_through_steps: keep the graph across steps (backpropagation through time). Default: False for
@@ -163,7 +167,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         hidden_size: int | None = None,
         num_layers: int | None = None,
         num_samples: int = 1,
-        antithetic: bool = False,
+        antithetic: bool | None = None,
         init: str = "prior",
         analytic_kl: bool = True,
         backprop_through_steps: bool | None = None,
@@ -172,7 +176,8 @@ class IterativeInferenceOptimizer(InferenceMethod):
         data_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
-                         analytic_kl=analytic_kl, antithetic=antithetic, on_nonfinite=on_nonfinite)
+                         analytic_kl=analytic_kl, antithetic=num_samples % 2 == 0 if antithetic is None else antithetic,
+                         on_nonfinite=on_nonfinite)
         if init not in ("prior", "encoder"):
             raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
         if init == "encoder" and not callable(getattr(model, "encode", None)):

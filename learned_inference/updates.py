@@ -189,12 +189,13 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-_UPDATES: dict[str, type[Update]] = {"gated": GatedUpdate, "residual": ResidualUpdate,
-                                     "natural_gradient": NaturalGradientUpdate}
-
-
 def make_update(update: str, param_names: Sequence[str], *, hidden_size: int, dim: int) -> Update:
-    """An :class:`Update` module from its name: ``"gated"``, ``"residual"`` or ``"natural_gradient"``."""
-    if update not in _UPDATES:
-        raise ValueError(f"update must be one of {sorted(_UPDATES)}, got {update!r}")
-    return _UPDATES[update](param_names, hidden_size=hidden_size, dim=dim)
+    """An :class:`Update` module from its name: ``"gated"``, ``"residual"`` or ``"natural_gradient"`` (with
+    momentum)."""
+    if update == "gated":
+        return GatedUpdate(param_names, hidden_size=hidden_size, dim=dim)
+    if update == "residual":
+        return ResidualUpdate(param_names, hidden_size=hidden_size, dim=dim)
+    if update == "natural_gradient":
+        return NaturalGradientUpdate(param_names, hidden_size=hidden_size, dim=dim, momentum=True)
+    raise ValueError(f"update must be one of ['gated', 'natural_gradient', 'residual'], got {update!r}")

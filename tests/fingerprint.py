@@ -32,6 +32,8 @@ from learned_inference.zoo import LinearGaussianHierarchy
 PATH = Path(__file__).parent / "data" / "engine_fingerprint.json"
 DTYPE = torch.float64
 B, X, D, T = 4, 10, 3, 3
+#: the learned optimizer's options at the time of the recording (the paper's gated update, one sample)
+PAPER = {"update": "gated", "num_samples": 1, "antithetic": False}
 
 
 def _set_weights(named: list[tuple[str, nn.Parameter]]) -> None:
@@ -91,20 +93,22 @@ def _decoder_model() -> DecoderModel:
 
 def _optimizer_default() -> dict[str, Any]:
     model = _decoder_model()
-    method = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=8).to(DTYPE)
+    method = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=8, **PAPER).to(DTYPE)
     return _record(method, model, _data(0))
 
 
 def _optimizer_encoder_errors() -> dict[str, Any]:
     model = VAEModel(_TinyVAE().to(DTYPE), likelihood="bernoulli", latent_dim=D)
     method = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=8, init="encoder",
-                                         encoding=("gradient", "errors", "params"), num_samples=2).to(DTYPE)
+                                         encoding=("gradient", "errors", "params"), num_samples=2,
+                                         update="gated", antithetic=False).to(DTYPE)
     return _record(method, model, _data(3), samples=2)
 
 
 def _optimizer_gru() -> dict[str, Any]:
     model = _decoder_model()
-    method = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=8, network="gru").to(DTYPE)
+    method = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=8, network="gru",
+                                         **PAPER).to(DTYPE)
     return _record(method, model, _data(4))
 
 
@@ -114,7 +118,7 @@ def _optimizer_per_variable_hierarchical() -> dict[str, Any]:
     method = IterativeInferenceOptimizer(
         model, latent_dim=model.latent_dim, num_steps=T,
         network=PerVariableNetwork({"z1": HighwayMLP(hidden_size=8), "z2": HighwayMLP(hidden_size=6)}),
-        encoding=("gradient", "hierarchical_errors", "params"),
+        encoding=("gradient", "hierarchical_errors", "params"), **PAPER,
     ).to(DTYPE)
     x = torch.randn(B, X, dtype=DTYPE, generator=torch.Generator().manual_seed(6))
     return _record(method, model, x, dim=5)
