@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.name = f"frozen_refinement_{args.dataset.replace('-', '_')}"
     started = common.setup(args)
     train, test, transform = load_data(args)
+    if args.scale == "smoke":  # a functional test of the script: a tiny VAE run and evaluation
+        train, args.vae_epochs, args.test_size, args.estep_steps = train[:1000], 1, 20, 5
+        args.elbo_samples, args.timing_repeats = 2, 1
     x = test[: args.test_size]
     model, vae_seconds = train_vae(args, train, transform)
     encoder_method = StandardEncoder(model, latent_dim=64)
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plots = plot(args, curves, timings, encoder)
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "gap_closed_T5": per_init["encoder"]["gap_closed_T5"], "gap_closed_T20": per_init["encoder"]["gap_closed_T20"],
+        "beats_best_optimizer_at_equal_time": per_init["encoder"]["beats_best_optimizer_at_equal_time"],
         "vae_training_seconds": vae_seconds, "encoder_elbo": encoder, "best_estep": grid["adam"]["best_lr"],
         "best_estep_elbo": converged, "gap_nats": gap, "per_init": per_init, "timings": timings,
         "e_steps": {name: {"best_lr": g["best_lr"], "best_final": g["best_final"]} for name, g in grid.items()},

@@ -24,6 +24,7 @@ REQUIRED = {
     "text_perplexity": ("perplexity_standard", "perplexity_iterative"),
     "overhead": ("func_vs_autograd_ratio", "peak_mem_ratio_T16_vs_T2"),
     "figures": ("final_relative_improvement",),
+    "frozen_refinement": ("gap_nats", "gap_closed_T5", "gap_closed_T20", "beats_best_optimizer_at_equal_time"),
 }
 
 
