@@ -23,7 +23,8 @@ try:
     import pyro  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "learned_inference.integrations.pyro needs Pyro: pip install pyro-ppl (or, from a clone, pip install -e '.[pyro]')"
+        "learned_inference.integrations.pyro needs Pyro: pip install pyro-ppl "
+        "(or, from a clone, pip install -e '.[pyro]')"
     ) from error
 
 from .elbo import IterativeTrace_ELBO, IterativeTraceMeanField_ELBO, RefinementLossMixin, record_refinement_loss
