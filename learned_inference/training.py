@@ -52,7 +52,7 @@ from learned_inference.families import Params
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
-from learned_inference.validation import check_int
+from learned_inference.validation import check_data, check_int
 
 __all__ = ["FitHistory", "ModelWithInference", "fit"]
 
@@ -194,7 +194,7 @@ def fit(
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     batches = _batches(data, batch_size)
     if validation is not None:
-        _check_tensor("validation", validation)
+        check_data(validation, name="validation")
     if optimizer is None:
         optimizer = torch.optim.Adam(_trainable_parameters(method), lr=_check_lr(1e-3 if lr is None else lr))
     elif not isinstance(optimizer, torch.optim.Optimizer):
@@ -247,16 +247,6 @@ def _check_trains(method: nn.Module, loss: Tensor) -> None:
     )
 
 
-def _check_tensor(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty tensor of shape [N, *event], got shape {list(x.shape)}")
-    return x
-
-
 def _check_lr(lr: object) -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -269,7 +259,7 @@ def _batches(
     """Validates ``data``; returns a function giving one epoch's batches (the generator shuffles a tensor)."""
     if isinstance(data, (Tensor, CountMatrix)):
         if isinstance(data, Tensor):
-            _check_tensor("data", data)
+            check_data(data, name="data")
         elif len(data) == 0:
             raise ValueError("data must be non-empty, got a CountMatrix with 0 rows")
         return lambda generator: iterate_batches(data, batch_size, generator=generator)
@@ -281,7 +271,7 @@ def _batches(
         for batch in data:
             if isinstance(batch, (tuple, list)) and batch:
                 batch = batch[0]
-            yield _check_tensor("each batch of data", batch)
+            yield check_data(batch, name="each batch of data")
 
     return epoch
 

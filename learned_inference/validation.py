@@ -26,19 +26,20 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
-def check_data(x: object) -> Tensor:
-    """Returns ``x`` if it is a non-empty, finite, floating-point batch ``[B, *event]``; else raises, naming why."""
+def check_data(x: object, *, name: str = "x") -> Tensor:
+    """Returns ``x`` if it is a non-empty, finite, floating-point batch ``[B, *event]``; else raises, naming the
+    argument (``name``) and why."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
     if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
+        raise ValueError(f"{name} must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
         raise ValueError(
-            f"x contains NaN or infinite values in {bad.numel()} example(s) (first: {bad[:5].tolist()}); "
-            "clean or drop them before inference"
+            f"{name} contains NaN or infinite values in {bad.numel()} example(s) (first: {bad[:5].tolist()}); "
+            "clean or drop them"
         )
     return x
 
