@@ -191,7 +191,10 @@ def test_kills_during_saves_leave_a_loadable_checkpoint_and_no_stray_temporaries
         saver = context.Process(target=_save_forever, args=(str(path), net, started))
         saver.start()
         assert started.wait(30)
-        time.sleep(generator.uniform(0.0, 0.3))
+        deadline = time.monotonic() + 30
+        while not _temporaries(tmp_path) and time.monotonic() < deadline:  # a save is under way (even on a busy
+            time.sleep(0.001)                                               # machine, where the saver starts late)
+        time.sleep(generator.uniform(0.0, 0.01))
         os.kill(saver.pid, signal.SIGKILL)
         saver.join()
         strays += len(_temporaries(tmp_path))
