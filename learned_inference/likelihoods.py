@@ -8,7 +8,7 @@ Each likelihood also knows its data's support: :meth:`Likelihood.check_support` 
 the likelihood, the offending examples and the fix when ``x`` is outside it (Bernoulli data outside [0, 1], negative
 counts), since the log-density formulas would otherwise return a finite, meaningless number. Inference methods run
 it on every call (one reduction over ``x``). Non-integer counts only warn (once per likelihood): fractional counts
-such as tf-idf weights are a common, deliberate relaxation of the multinomial.
+such as tf-idf weights are a common, deliberate relaxation of the normalised multinomial.
 
 A Gaussian likelihood with variance σ² is the probabilistic reading of a squared-error reconstruction loss:
 :func:`log_var_from_squared_error` gives the log σ² under which "squared error + β·KL" is the negative ELBO up to a
@@ -42,6 +42,7 @@ __all__ = [
     "gaussian_log_prob",
     "log_var_from_squared_error",
     "make_likelihood",
+    "multinomial_coefficient",
     "multinomial_log_prob",
     "sum_event_dims",
 ]
@@ -68,15 +69,38 @@ def gaussian_log_prob(mean: Tensor, log_var: Tensor, x: Tensor) -> Tensor:
     return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean).square() * torch.exp(-log_var))
 
 
-def multinomial_log_prob(logits: Tensor, counts: Tensor) -> Tensor:
-    """log Multinomial(counts; N = Σ counts, softmax(logits)) over the last dimension.
+def multinomial_log_prob(logits: Tensor, counts: Tensor, *, normalized: bool = False) -> Tensor:
+    """Σᵢ xᵢ log softmax(logits)ᵢ over the last dimension: the log-likelihood of the topic-model literature.
 
-    Includes the multinomial coefficient log N! − Σ log xᵢ!, so the result is a normalised log-probability.
+    This is the log-probability of the document's tokens as a sequence of independent draws (the convention of
+    NVDM, Miao et al. 2016, and of the paper's perplexity, App. D eq. 63), so perplexities computed from it can be
+    compared with published ones. With ``normalized=True`` the multinomial coefficient
+    (:func:`multinomial_coefficient`) is added: the normalised log Multinomial(counts; N = Σ counts,
+    softmax(logits)), a probability of the bag of words. The two differ by a constant per document, so inference
+    and training are the same under either.
+
+    Example:
+        >>> counts = torch.tensor([[2.0, 1.0]])
+        >>> round(multinomial_log_prob(torch.zeros(1, 2), counts).item(), 4)  # 3 draws from (1/2, 1/2)
+        -2.0794
+        >>> round(multinomial_log_prob(torch.zeros(1, 2), counts, normalized=True).exp().item(), 4)  # 3 orders
+        0.375
     """
-    log_probs = torch.log_softmax(logits, dim=-1)
-    total = counts.sum(-1)
-    coefficient = torch.lgamma(total + 1) - torch.lgamma(counts + 1).sum(-1)
-    return (counts * log_probs).sum(-1) + coefficient
+    tokens = (counts * torch.log_softmax(logits, dim=-1)).sum(-1)
+    return tokens + multinomial_coefficient(counts) if normalized else tokens
+
+
+def multinomial_coefficient(counts: Tensor) -> Tensor:
+    """log N! − Σᵢ log xᵢ! over the last dimension (N = Σᵢ xᵢ): the number of token orders of a bag of words.
+
+    Adding it to a literature-convention log-likelihood (:func:`multinomial_log_prob`) gives the normalised
+    multinomial log-probability.
+
+    Example:
+        >>> multinomial_coefficient(torch.tensor([[2.0, 1.0]])).exp().item()
+        3.0...
+    """
+    return torch.lgamma(counts.sum(-1) + 1) - torch.lgamma(counts + 1).sum(-1)
 
 
 def _examples(mask: Tensor) -> str:
@@ -197,16 +221,25 @@ class GaussianLikelihood(Likelihood):
 class MultinomialLikelihood(Likelihood):
     """Multinomial over the last data dimension (bag-of-words counts) with ``softmax(logits)`` probabilities.
 
-    Support: non-negative counts. Negative counts raise; non-integer counts (e.g. tf-idf weights) give the
-    continuous relaxation of the log-density (the coefficient through ``lgamma``) and warn once per likelihood.
+    By default log p(x | z) = Σᵢ xᵢ log softmax(logits)ᵢ, the topic-model literature's convention, so perplexities
+    (:func:`~learned_inference.evaluation.perplexity`) can be put beside published ones; ``normalized=True`` adds
+    the multinomial coefficient (see :func:`multinomial_log_prob`).
+
+    Support: non-negative counts. Negative counts raise. Non-integer counts (e.g. tf-idf weights) are a weighted
+    cross-entropy under the default; with ``normalized=True`` they give the continuous relaxation of the
+    coefficient (through ``lgamma``), which is not a probability, and warn once per likelihood.
+
+    Args:
+        normalized: include the multinomial coefficient log N! − Σ log xᵢ!.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, normalized: bool = False) -> None:
         super().__init__()
+        self.normalized = bool(normalized)
         self._warned_fractional = False
 
     def log_prob(self, output: Tensor, x: Tensor) -> Tensor:
-        return sum_event_dims(multinomial_log_prob(output, x), x.dim() - 2)
+        return sum_event_dims(multinomial_log_prob(output, x, normalized=self.normalized), x.dim() - 2)
 
     def mean(self, output: Tensor) -> Tensor:
         return torch.softmax(output, dim=-1)
@@ -222,16 +255,17 @@ class MultinomialLikelihood(Likelihood):
                 "finite but meaningless number. Pass raw counts (e.g. word counts per document), not centred or "
                 "standardised values."
             )
-        if self._warned_fractional:
+        if self._warned_fractional or not self.normalized:
             return
         fractional = x != x.round()
         if bool(fractional.any()):
             self._warned_fractional = True
             warnings.warn(
                 f"x has non-integer counts in {_examples(fractional)} (e.g. {_first_entry(x, fractional)}); "
-                "MultinomialLikelihood evaluates the continuous relaxation of the multinomial there (the coefficient "
-                "through lgamma), which is not a normalised probability. Round the counts if they should be "
-                "integers. This warning is shown once per likelihood.",
+                "MultinomialLikelihood(normalized=True) evaluates the continuous relaxation of the multinomial "
+                "coefficient there (through lgamma), which is not a normalised probability. Round the counts if they "
+                "should be integers, or use normalized=False (the default). This warning is shown once per "
+                "likelihood.",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -22,6 +22,7 @@ from learned_inference.evaluation import (
     log_weights,
     perplexity,
 )
+from learned_inference.likelihoods import MultinomialLikelihood, multinomial_coefficient
 from learned_inference.zoo import ProbabilisticPCA
 
 
@@ -190,6 +191,29 @@ def test_perplexity_and_bits_per_dim() -> None:
     assert perplexity(log_px, counts).item() == pytest.approx(math.exp(10.0 / 8.0))
     images = torch.zeros(2, 1, 2, 2)
     assert bits_per_dim(log_px, images).item() == pytest.approx(5.0 / (4 * math.log(2)))
+
+
+@given(counts=st.lists(st.lists(st.integers(0, 6), min_size=4, max_size=4), min_size=1, max_size=5),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_multinomial_conventions_differ_by_the_coefficient_and_match_torch(counts: list[list[int]], seed: int) -> None:
+    """Default: Σ xᵢ log pᵢ (the topic-model convention); normalized: torch's Multinomial log-probability."""
+    x = torch.tensor(counts, dtype=torch.float64)
+    logits = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    tokens = MultinomialLikelihood().log_prob(logits, x)
+    normalized = MultinomialLikelihood(normalized=True).log_prob(logits, x)
+    torch.testing.assert_close(tokens, (x * torch.log_softmax(logits, -1)).sum(-1))
+    reference = torch.stack([torch.distributions.Multinomial(int(row.sum()), logits=row_logits).log_prob(row)
+                             for row, row_logits in zip(x, logits, strict=True)])
+    torch.testing.assert_close(normalized, reference)
+    torch.testing.assert_close(normalized - tokens, multinomial_coefficient(x))
+
+
+def test_a_uniform_model_has_the_vocabulary_size_as_perplexity() -> None:
+    """The literature's perplexity of a model that draws every token uniformly is V, whatever the documents."""
+    counts = torch.tensor([[3.0, 0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 7.0, 1.0, 0.0]])
+    log_px = MultinomialLikelihood().log_prob(torch.zeros_like(counts), counts)
+    assert perplexity(log_px, counts).item() == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize(

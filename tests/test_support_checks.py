@@ -25,7 +25,7 @@ from learned_inference import (
     make_likelihood,
 )
 from learned_inference.evaluation import elbo_estimate, importance_weighted_log_marginal
-from learned_inference.likelihoods import log_var_from_squared_error
+from learned_inference.likelihoods import MultinomialLikelihood, log_var_from_squared_error
 from learned_inference.zoo import LinearGaussianHierarchy, TwoLevelVAE
 from tests.conftest import mlp_decoder
 
@@ -74,8 +74,8 @@ def test_values_inside_the_unit_interval_are_accepted(values):
     assert torch.isfinite(_quiet(lambda: _e_step(_model()).infer(x)).elbo).all()
 
 
-def test_negative_counts_are_named_and_fractional_counts_warn_once():
-    model = _model("multinomial")
+def test_negative_counts_are_named_and_fractional_counts_warn_once_when_normalized():
+    model = _model(MultinomialLikelihood(normalized=True))
     counts = torch.poisson(torch.full((B, X), 2.0, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
     _quiet(lambda: _e_step(model).infer(counts))
     negative = counts.clone()
@@ -89,6 +89,7 @@ def test_negative_counts_are_named_and_fractional_counts_warn_once():
     with pytest.warns(RuntimeWarning, match=r"non-integer counts in 1 example\(s\) \(first: \[3\]\).*once"):
         method.infer(fractional)
     _quiet(lambda: method.infer(fractional))  # once per likelihood
+    _quiet(lambda: _e_step(_model("multinomial")).infer(fractional))  # a weighted cross-entropy by default
 
 
 def test_the_support_is_checked_on_every_call_and_by_evaluation():
