@@ -40,6 +40,7 @@ from torch import Tensor
 from learned_inference.context import StepContext
 from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
+from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel, encoder_output
 from learned_inference.networks import HighwayEncoder
@@ -135,9 +136,12 @@ class _GradientRefinement(InferenceMethod):
                     "none (use init='highway' to build an encoder)"
                 )
             self.encoder = model.encode  # type: ignore[attr-defined]
-        elif init == "highway":
+        elif init == "highway" and not self._encodes_whole_params():
             total = self.space.total_dim
             self.encoder = HighwayEncoder(total, hidden_size=hidden_size, num_layers=num_layers)
+        elif init == "highway":
+            self.encoder = FamilyEncoder(self.family.param_sizes(self.space.total_dim), hidden_size=hidden_size,
+                                         num_layers=num_layers)
         elif callable(init) and not isinstance(init, str):
             self.encoder = init
         else:
@@ -161,12 +165,24 @@ class _GradientRefinement(InferenceMethod):
         """
         return super().forward(x, init_params=init_params, noise=noise)
 
+    def _encodes_whole_params(self) -> bool:
+        """Whether λ has parameters beyond (loc, log_var) (a mixture's logits): then an encoder returns all of λ."""
+        return not set(self.family.param_names) <= {"loc", "log_var"}
+
     def init(self, x: Tensor) -> Params:
         """λ_0: the prior, or the encoder's (loc, log_var) with its graph (checked by
-        :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them)."""
+        :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them); for a
+        family with further parameters (a mixture) the encoder returns all of λ, a dict like ``result.params``."""
         space = self.space
         if self.encoder is None:
             return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
+        if self._encodes_whole_params():
+            out = self.encoder(x)
+            if not isinstance(out, Mapping):
+                raise TypeError(f"family={self.family!r} needs an encoder returning all of λ, a dict with entries "
+                                f"{list(self.family.param_names)}; got {type(out).__name__} (init='highway' builds "
+                                "one)")
+            return self.family.constrain(self._flatten(dict(out), x))
         source = {"encoder": "model.encode(x)", "highway": "the highway encoder"}.get(self.start, "the init= encoder")
         loc, log_var = encoder_output(self.encoder(x), batch=x.shape[0], space=space, source=source, fix="init=")
         flat = {"loc": space.merge(loc), "log_var": space.merge(log_var)}

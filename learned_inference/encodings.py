@@ -63,12 +63,14 @@ class FeatureShapes:
     variable: str | None = None
 
     @classmethod
-    def of(cls, *, data: int, param_names: Sequence[str], space: LatentSpace, variable: str | None = None
-           ) -> FeatureShapes:
-        """The shapes of a view of λ over ``space`` (restricted to ``variable`` when given)."""
+    def of(cls, *, data: int, param_names: Sequence[str] | Mapping[str, int], space: LatentSpace,
+           variable: str | None = None) -> FeatureShapes:
+        """The shapes of a view of λ over ``space`` (restricted to ``variable`` when given); ``param_names`` may map
+        each name to its width (a family's ``param_sizes``) where it is not the latent size."""
         size = space.total_dim if variable is None else space.sizes[variable]
         levels = {OBSERVED: data, **space.sizes} if space.names is not None else {OBSERVED: data, "z": size}
-        return cls(data=data, params=dict.fromkeys(param_names, size), levels=levels, variable=variable)
+        params = dict(param_names) if isinstance(param_names, Mapping) else dict.fromkeys(param_names, size)
+        return cls(data=data, params=params, levels=levels, variable=variable)
 
 
 def log_sign_encode(g: Tensor, *, alpha: float, eps: float) -> Tensor:

@@ -84,8 +84,23 @@ class Family:
         raise NotImplementedError
 
     def sample(self, params: Params, noise: Tensor) -> Tensor:
-        """Reparameterized samples ``[S, B, D]`` from ``noise`` of shape ``[S, B, D]``."""
+        """Reparameterized samples ``[S, B, D]`` from ``noise`` of shape ``[S, B, D]`` (``[N, B, D]`` points when
+        :meth:`sample_weights` weights them)."""
         raise NotImplementedError
+
+    def sample_weights(self, params: Params, num_samples: int) -> Tensor | None:
+        """The weights w ``[N, B]`` of the N points :meth:`sample` makes from ``num_samples`` noise draws, for the
+        unbiased estimate E_q[f(z)] ≈ Σ_n w_n f(z_n) (a mixture's strata: every component, weighted by its
+        probability); None when the points are draws from q itself (w_n = 1/S: the plain mean)."""
+        return None
+
+    def log_prob(self, params: Params, z: Tensor) -> Tensor:
+        """log q_λ(z) per point and example: ``z`` ``[..., B, D]`` → ``[..., B]``."""
+        return self.distribution(params).log_prob(z)
+
+    def param_sizes(self, dim: int) -> dict[str, int]:
+        """The width of each of λ's parameters for a latent vector of size ``dim`` (``dim`` each by default)."""
+        return dict.fromkeys(self.param_names, dim)
 
     def entropy(self, params: Params) -> Tensor:
         """Analytic entropy per example, ``[B]``."""

@@ -131,7 +131,11 @@ class InferenceMethod(nn.Module):
             return BlockFamily(family, space=self.space)
         if names is None or isinstance(family, BlockFamily):
             return make_family(family)
-        return BlockFamily(dict.fromkeys(names, family), space=self.space)
+        built = make_family(family)
+        if built.param_sizes(1) != dict.fromkeys(built.param_names, 1):
+            raise ValueError(f"family={built!r} has parameters that are not one value per latent dimension; it needs a "
+                             f"single latent vector (latent_dim as an int), got latent_dim={self.space.sizes}")
+        return BlockFamily(dict.fromkeys(names, built), space=self.space)
 
     @property
     def model(self) -> LatentModel:
@@ -252,8 +256,10 @@ class InferenceMethod(nn.Module):
 
         given = entries(params, names if space.names is None else space.names, "init_params")
         if space.names is None:
-            return {p: check_tensor(f"init_params[{p!r}]", given[p], shape=[batch, space.total_dim], like=like,
-                                    layout="[B, D]") for p in names}
+            sizes = self.family.param_sizes(space.total_dim)
+            return {p: check_tensor(f"init_params[{p!r}]", given[p], shape=[batch, sizes[p]], like=like,
+                                    layout="[B, D]" if sizes[p] == space.total_dim else f"[B, {sizes[p]}]")
+                    for p in names}
         blocks = {v: entries(given[v], names, f"init_params[{v!r}]") for v in space.names}
         return {p: space.merge({v: check_tensor(f"init_params[{v!r}][{p!r}]", blocks[v][p],
                                                 shape=[batch, space.sizes[v]], like=like, layout="[B, D]")

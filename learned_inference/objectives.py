@@ -3,7 +3,9 @@
 ELBO (paper eq. 13), with S reparameterized samples zₛ = sample(λ, εₛ):
 
     L(λ; x) = 1/S Σₛ log p(x, zₛ) + H[q_λ]                     (analytic entropy), or
-    L(λ; x) = 1/S Σₛ log p(x | zₛ) − KL(q_λ || p(z))            (analytic KL, when the model gives its prior).
+    L(λ; x) = 1/S Σₛ log p(x | zₛ) − KL(q_λ || p(z))            (analytic KL, when the model gives its prior),
+    L(λ; x) = Σₙ wₙ (log p(x, zₙ) − log q_λ(zₙ))                 (a family whose points zₙ carry weights wₙ,
+                                                                  e.g. a mixture's strata: ``Family.sample_weights``).
 
 The λ-gradient is ``torch.func.grad_and_value`` of the ELBO *summed* over the batch: because the model does not
 couple examples, its rows are exactly the per-example gradients ∇_λ L(λ_b; x_b), with no ``vmap`` and no
@@ -99,9 +101,16 @@ def elbo(
 
     With ``prior`` (the moments from :func:`prior_moments`) and a family that has an analytic KL, uses
     E[log p(x | z)] − KL(q || p); otherwise E[log p(x, z)] + H[q]. ``log_joint`` gets ``z`` of shape ``[B, D]``
-    when S = 1 and ``[S, B, D]`` otherwise (split into a dict for several latent variables).
+    when S = 1 and ``[S, B, D]`` otherwise (split into a dict for several latent variables). A family whose
+    points are weighted (:meth:`~learned_inference.families.Family.sample_weights`, a mixture) gives
+    Σₙ wₙ (log p(x, zₙ) − log q(zₙ)), with ``log_joint`` on its ``[N, B, D]`` points.
     """
     z = family.sample(params, noise)
+    weights = family.sample_weights(params, noise.shape[0])
+    if weights is not None:
+        log_joint = model.log_joint(x, space.split(z.squeeze(0) if z.shape[0] == 1 else z))
+        log_w = log_joint.reshape(z.shape[:2]) - family.log_prob(params, z)
+        return (weights * log_w).sum(0)
     z_in = space.split(z.squeeze(0) if z.shape[0] == 1 else z)
     kl = None
     if prior is not None:

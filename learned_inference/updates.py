@@ -94,10 +94,15 @@ class PerVariableUpdate(Update):
         return {name: self.get_submodule(name) for name in self.names}  # type: ignore[misc]
 
 
-def _heads(names: Sequence[str], hidden_size: int, dim: int, *, init_scale: float | None = None,
+#: λ's parameter names, or their widths by name where they differ from the latent size (``Family.param_sizes``)
+ParamNames = Sequence[str] | Mapping[str, int]
+
+
+def _heads(names: ParamNames, hidden_size: int, dim: int, *, init_scale: float | None = None,
            init_bias: float = 0.0) -> nn.ModuleDict:
-    """One linear head per parameter of λ; with ``init_scale``, weights N(0, init_scale²) and biases ``init_bias``."""
-    heads = {name: nn.Linear(hidden_size, dim) for name in names}
+    """One linear head per parameter of λ (``dim`` wide, or as wide as ``names`` maps it); with ``init_scale``,
+    weights N(0, init_scale²) and biases ``init_bias``."""
+    heads = {name: nn.Linear(hidden_size, names[name] if isinstance(names, Mapping) else dim) for name in names}
     if init_scale is not None:
         for head in heads.values():
             nn.init.normal_(head.weight, std=init_scale)
@@ -109,12 +114,13 @@ class GatedUpdate(Update):
     """Eq. 62 with one linear head for the target f and one for the gate g, per parameter of λ.
 
     Args:
-        param_names: the names of λ's parameters (the family's ``param_names``).
+        param_names: the names of λ's parameters (the family's ``param_names``), or a mapping from name to width
+            for a family whose parameters are not all ``dim`` wide (its ``param_sizes(dim)``, e.g. a mixture's).
         hidden_size: the size H of the update network's output.
         dim: the latent size D.
     """
 
-    def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int) -> None:
+    def __init__(self, param_names: ParamNames, *, hidden_size: int, dim: int) -> None:
         super().__init__()
         self.hidden_size, self.dim = hidden_size, dim
         self.targets = _heads(param_names, hidden_size, dim)
@@ -137,7 +143,7 @@ class ResidualUpdate(Update):
         init_scale: the standard deviation of the heads' initial weights.
     """
 
-    def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int, init_scale: float = 1e-3) -> None:
+    def __init__(self, param_names: ParamNames, *, hidden_size: int, dim: int, init_scale: float = 1e-3) -> None:
         super().__init__()
         self.hidden_size, self.dim = hidden_size, dim
         self.deltas = _heads(param_names, hidden_size, dim, init_scale=init_scale)
@@ -164,7 +170,7 @@ class NaturalGradientUpdate(Update):
         init_momentum: the momentum every component starts with, in (0, 1).
     """
 
-    def __init__(self, param_names: Sequence[str], *, hidden_size: int, dim: int, max_step: float = 2.0,
+    def __init__(self, param_names: ParamNames, *, hidden_size: int, dim: int, max_step: float = 2.0,
                  init_step: float = 0.5, momentum: bool = False, init_momentum: float = 0.5) -> None:
         super().__init__()
         if not 0 < init_step < max_step:
@@ -189,7 +195,7 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def make_update(update: str, param_names: Sequence[str], *, hidden_size: int, dim: int) -> Update:
+def make_update(update: str, param_names: ParamNames, *, hidden_size: int, dim: int) -> Update:
     """An :class:`Update` module from its name: ``"gated"``, ``"residual"`` or ``"natural_gradient"`` (with
     momentum)."""
     if update == "gated":

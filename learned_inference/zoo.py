@@ -1,6 +1,8 @@
 """Reference models: with known answers (for tests) and the paper's architectures (for examples and benchmarks).
 
 * :class:`ProbabilisticPCA` — linear-Gaussian, exact posterior and log p(x) known.
+* :class:`MixturePriorModel` — a Gaussian-mixture prior with Gaussian noise: its exact posterior is a Gaussian
+  mixture (for mixture posteriors: the approximation gap of a single Gaussian is known).
 * :func:`bernoulli_vae` — the paper's binarized-MNIST VAE (784-512-512-64, ELU, highway, Bernoulli, N(0, I)).
 * :func:`gaussian_vae` — the same shape with a Gaussian output of learned global variance (grey-scale images).
 * :func:`multinomial_vae` — the text VAE of App. D (2 × 512 ELU, multinomial over the vocabulary).
@@ -42,6 +44,7 @@ from learned_inference.validation import check_int
 __all__ = [
     "BottomUpEncoder",
     "LinearGaussianHierarchy",
+    "MixturePriorModel",
     "ProbabilisticPCA",
     "TwoLevelVAE",
     "bernoulli_vae",
@@ -140,6 +143,89 @@ class ProbabilisticPCA(nn.Module):
         expected_ll = -0.5 * (x.shape[-1] * torch.log(2 * math.pi * var_x) + squared / var_x)
         kl = 0.5 * (torch.exp(log_var) + loc.square() - 1.0 - log_var).sum(-1)
         return expected_ll - kl
+
+
+class MixturePriorModel(nn.Module):
+    """z ~ Σ_j w_j N(m_j, s² I), x | z ~ N(z, τ² I): the exact posterior is a Gaussian mixture.
+
+    Every prior component j gives one posterior component, with v = (1/s² + 1/τ²)⁻¹:
+
+        p(z | x) = Σ_j ρ_j N(z; v (m_j/s² + x/τ²), v I),   ρ_j ∝ w_j N(x; m_j, (s² + τ²) I),
+        log p(x) = logsumexp_j (log w_j + log N(x; m_j, (s² + τ²) I)).
+
+    For x between two well-separated means the posterior is bimodal, and the best single Gaussian falls short of
+    log p(x) by about −log max_j ρ_j (its *approximation gap*; log 2 for two equal modes).
+
+    Args:
+        means: the prior means m_j, ``[J, D]``.
+        scale: the prior components' standard deviation s.
+        noise_scale: the observation noise's standard deviation τ.
+        weights: the prior weights w_j (default: equal).
+
+    Example:
+        >>> import torch
+        >>> model = MixturePriorModel(torch.tensor([[-2.0], [2.0]]), scale=0.5, noise_scale=1.0)
+        >>> params = model.exact_posterior(torch.zeros(1, 1))
+        >>> params["loc"], params["logits"].softmax(-1)
+        (tensor([[-1.6000,  1.6000]]), tensor([[0.5000, 0.5000]]))
+    """
+
+    means: Tensor  # buffers
+    log_weights: Tensor
+
+    def __init__(self, means: Tensor, *, scale: float, noise_scale: float, weights: Tensor | None = None) -> None:
+        super().__init__()
+        if means.dim() != 2:
+            raise ValueError(f"means must be [J, D] (one row per prior component), got shape {list(means.shape)}")
+        if not (scale > 0 and noise_scale > 0):
+            raise ValueError(f"scale and noise_scale must be > 0, got {scale!r} and {noise_scale!r}")
+        weights = torch.full((means.shape[0],), 1.0 / means.shape[0], dtype=means.dtype) if weights is None \
+            else weights.to(means.dtype)
+        if weights.shape != means.shape[:1] or not bool((weights > 0).all()):
+            raise ValueError(f"weights must be {means.shape[0]} positive numbers, got {weights!r}")
+        self.register_buffer("means", means)
+        self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+        self.scale, self.noise_scale = float(scale), float(noise_scale)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.means.shape[1]
+
+    def _log_normal(self, value: Tensor, variance: float) -> Tensor:
+        """log N(value; m_j, variance I) for every component j, ``[..., J]``."""
+        diff = value.unsqueeze(-2) - self.means
+        return -0.5 * (diff.square().sum(-1) / variance + self.latent_dim * math.log(2 * math.pi * variance))
+
+    def log_prior(self, z: Tensor) -> Tensor:
+        return torch.logsumexp(self.log_weights + self._log_normal(z, self.scale ** 2), -1)
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        return Normal(z, self.noise_scale).log_prob(x).sum(-1)
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.log_likelihood(x, z) + self.log_prior(z)
+
+    def log_marginal(self, x: Tensor) -> Tensor:
+        """Exact log p(x), ``[B]``."""
+        return torch.logsumexp(self.log_weights + self._log_normal(x, self.scale ** 2 + self.noise_scale ** 2), -1)
+
+    def exact_posterior(self, x: Tensor) -> dict[str, Tensor]:
+        """p(z | x) as the λ of a :class:`~learned_inference.mixture.GaussianMixture` with J components:
+        ``{"loc": [B, J·D], "log_var": [B, J·D], "logits": [B, J]}``."""
+        s2, t2 = self.scale ** 2, self.noise_scale ** 2
+        variance = 1.0 / (1.0 / s2 + 1.0 / t2)
+        loc = variance * (self.means / s2 + x.unsqueeze(-2) / t2)
+        logits = torch.log_softmax(self.log_weights + self._log_normal(x, s2 + t2), -1)
+        return {"loc": loc.flatten(1), "log_var": torch.full_like(loc.flatten(1), math.log(variance)),
+                "logits": logits}
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of x from the model."""
+        m = self.means
+        j = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        z = m[j] + self.scale * torch.randn(n, self.latent_dim, dtype=m.dtype, device=m.device, generator=generator)
+        return z + self.noise_scale * torch.randn(z.shape, dtype=m.dtype, device=m.device, generator=generator)
 
 
 def highway_decoder(*, latent_dim: int, data_dim: int, hidden_size: int = 512, num_layers: int = 2) -> nn.Module:
