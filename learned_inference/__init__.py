@@ -34,6 +34,7 @@ from learned_inference.encodings import (
 from learned_inference.engine import Training, TrainingLoss, Trajectory, refine
 from learned_inference.errors import observation_errors, precision_weighted_errors
 from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
+from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.likelihoods import (
@@ -45,6 +46,7 @@ from learned_inference.likelihoods import (
     log_var_from_squared_error,
     make_likelihood,
 )
+from learned_inference.mixture import GaussianMixture
 from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
 from learned_inference.networks import (
     HighwayEncoder,
@@ -55,6 +57,7 @@ from learned_inference.networks import (
 )
 from learned_inference.objectives import Objective, elbo, elbo_and_grad, prior_moments
 from learned_inference.optimizer import IterativeInferenceOptimizer
+from learned_inference.recursive_mixture import RecursiveMixtureEncoder
 from learned_inference.training import FitHistory, ModelWithInference, fit
 from learned_inference.updates import (
     GatedUpdate,
@@ -82,10 +85,12 @@ __all__ = [
     "Encoding",
     "Errors",
     "Family",
+    "FamilyEncoder",
     "FeatureShapes",
     "FitHistory",
     "GatedUpdate",
     "GaussianLikelihood",
+    "GaussianMixture",
     "GradientEStep",
     "HierarchicalErrors",
     "HierarchicalModel",
@@ -105,6 +110,7 @@ __all__ = [
     "PerVariableUpdate",
     "PosteriorParams",
     "RecurrentNetwork",
+    "RecursiveMixtureEncoder",
     "ResidualUpdate",
     "SemiAmortized",
     "StandardEncoder",

@@ -25,6 +25,8 @@ REQUIRED = {
     "overhead": ("func_vs_autograd_ratio", "peak_mem_ratio_T16_vs_T2"),
     "figures": ("final_relative_improvement",),
     "frozen_refinement": ("gap_nats", "gap_closed_T5", "gap_closed_T20", "beats_best_optimizer_at_equal_time"),
+    "mixture_comparison": ("nll_standard", "nll_mixture_encoder", "nll_rme", "nll_rme_refined", "nll_semi_amortized",
+                           "nll_iterative", "rme_faster_than_semi_amortized"),
 }
 
 

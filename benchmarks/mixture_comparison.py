@@ -1,0 +1,216 @@
+"""Mixture posteriors on binarized images: standard VAE, non-recursive mixture encoder, RME, semi-amortized,
+iterative, and RME refined by the learned optimizer (issue 14).
+
+Per dataset (statically binarized MNIST, Larochelle split; Fashion-MNIST binarized dynamically per batch, its test
+set once with a fixed seed), every method trains its own copy of the paper's Bernoulli VAE decoder
+(784-512-512-64, ELU, highway; the same architecture and epochs for all) jointly with its inference model:
+
+* ``standard`` — the VAE's own Gaussian encoder;
+* ``mixture_encoder`` — one highway network giving a K = 5 Gaussian mixture, trained on the mixture's ELBO;
+* ``rme2`` / ``rme`` — :class:`~learned_inference.RecursiveMixtureEncoder` with M = 2 and M = 5;
+* ``semi_amortized`` — the VAE's encoder + 5 SVI steps, differentiated through (Kim et al. 2018);
+* ``iterative`` — :class:`~learned_inference.IterativeInferenceOptimizer`, 5 learned steps from the prior;
+* ``rme_refined`` — the trained RME (M = 5) and its decoder frozen, a learned optimizer over the M = 5 mixture
+  trained on top (``init_params`` = RME's λ) for ``--refine-epochs``, 5 steps at test time.
+
+Reported: test −log p(x) (IWAE, ``--iwae-samples`` on the first ``--test-size`` test images), ELBO (100 samples),
+the gap split (approximation gap = log p(x) − ELBO of a converged Adam E-step in the method's family; amortization
+gap = that E-step's ELBO − the method's), training seconds per example, test-time seconds per example
+(interleaved, median of ``--timing-repeats``), and parameter counts (inference and decoder). Resumable: training
+checkpoints under ``--checkpoint-dir``.
+
+Run: ``python benchmarks/mixture_comparison.py`` (hours at full scale on 2 cores); ``--scale smoke``: a functional
+test on tiny subsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
+from learned_inference import (
+    GaussianMixture,
+    GradientEStep,
+    IterativeInferenceOptimizer,
+    RecursiveMixtureEncoder,
+    SemiAmortized,
+    StandardEncoder,
+)
+from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
+from learned_inference.evaluation import elbo_estimate, importance_weighted_log_marginal
+from learned_inference.inference import InferenceMethod, InferenceResult
+from learned_inference.zoo import bernoulli_vae
+
+LATENT = 64
+METHODS = ("standard", "mixture_encoder", "rme2", "rme", "semi_amortized", "iterative")
+DATASETS = ("binarized_mnist", "fashion_mnist")
+
+
+class RefineFrom(nn.Module):
+    """A learned optimizer started from another (frozen) method's λ: ``forward(x)`` = ``refiner(x, init_params=
+    start.infer(x).params)``, so that the refiner trains on top of it with the usual loop."""
+
+    def __init__(self, refiner: IterativeInferenceOptimizer, start: InferenceMethod) -> None:
+        super().__init__()
+        self.refiner = refiner
+        object.__setattr__(self, "_start", start)  # frozen and not a submodule: not trained, not saved twice
+
+    def forward(self, x: Tensor) -> InferenceResult:
+        return self.refiner(x, init_params=self.__dict__["_start"].infer(x).params)
+
+    def infer(self, x: Tensor, **options: Any) -> InferenceResult:
+        return self.refiner.infer(x, init_params=self.__dict__["_start"].infer(x).params, **options)
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--refine-epochs", type=int, default=5)
+    parser.add_argument("--train-size", type=int, default=50_000)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--iwae-samples", type=int, default=5000)
+    parser.add_argument("--estep-steps", type=int, default=300)
+    parser.add_argument("--timing-repeats", type=int, default=5)
+
+
+def load(args: argparse.Namespace, name: str) -> tuple[Tensor, Tensor, Any]:
+    """(train, test, per-batch transform) of one dataset."""
+    if name == "binarized_mnist":
+        data = load_binarized_mnist(args.data_path)
+        return data.train[:args.train_size], data.test[:args.test_size], None
+    data = load_fashion_mnist(args.data_path)
+    test = binarize(data.test[:args.test_size], generator=torch.Generator().manual_seed(0))
+    return data.train[:args.train_size], test, binarize
+
+
+def build(kind: str, model: Any) -> InferenceMethod:
+    """The inference method of a row (on a fresh copy of the VAE)."""
+    if kind == "standard":
+        return StandardEncoder(model, latent_dim=LATENT, init="encoder")
+    if kind == "mixture_encoder":
+        return StandardEncoder(model, latent_dim=LATENT, family=GaussianMixture(5), init="highway")
+    if kind in ("rme2", "rme"):
+        return RecursiveMixtureEncoder(model, latent_dim=LATENT, num_components=2 if kind == "rme2" else 5)
+    if kind == "semi_amortized":
+        return SemiAmortized(model, latent_dim=LATENT, num_steps=5, init="encoder")
+    if kind == "iterative":
+        return IterativeInferenceOptimizer(model, latent_dim=LATENT, num_steps=5)
+    raise ValueError(f"unknown method {kind!r}")
+
+
+def count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, test: Tensor) -> dict[str, float]:
+    """IWAE −log p(x), ELBO, and the gap split against a converged Adam E-step in the method's family."""
+    torch.manual_seed(args.seed)
+    result = method.infer(test)
+    chunk = min(args.iwae_samples, 100)
+    log_px = importance_weighted_log_marginal(model, result.posterior, test, num_samples=args.iwae_samples,
+                                              chunk_size=chunk)
+    elbo = elbo_estimate(model, result.posterior, test, num_samples=100)
+    e_step = GradientEStep(model, latent_dim=LATENT, family=family, lr=1e-2, num_steps=args.estep_steps,
+                           num_samples=2)
+    converged = elbo_estimate(model, e_step.infer(test, init_params=result.params).posterior, test, num_samples=100)
+    return {"nll": -log_px.mean().item(), "elbo": elbo.mean().item(),
+            "approximation_gap": (log_px - converged).mean().item(),
+            "amortization_gap": (converged - elbo).mean().item()}
+
+
+def time_per_example(methods: dict[str, Any], x: Tensor, *, repeats: int) -> dict[str, float]:
+    """Interleaved test-time inference: median seconds per example of ``infer(x)`` (one warm-up round)."""
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for repeat in range(repeats + 1):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            start = time.perf_counter()
+            methods[name].infer(x)
+            if repeat:
+                seconds[name].append((time.perf_counter() - start) / len(x))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    train, test, transform = load(args, name)
+    rows: dict[str, dict[str, Any]] = {}
+    trained: dict[str, Any] = {}
+    for kind in METHODS:
+        torch.manual_seed(args.seed)
+        model = bernoulli_vae()
+        method = build(kind, model)
+        curves = common.train_model(args, model, method, train, label=f"mixture-{name}-{kind}",
+                                    config={"dataset": name, "kind": kind, "method": repr(method)},
+                                    epochs=args.epochs, batch_size=100, lr=1e-3, transform=transform)
+        trained[kind] = (model.requires_grad_(False), method.eval())
+        encoder = model.encoder if kind in ("standard", "semi_amortized") else None
+        rows[kind] = {"train_s_per_example": sum(curves["seconds"]) / (len(curves["seconds"]) * len(train)),
+                      "inference_parameters": count(method) + count(encoder),
+                      "decoder_parameters": count(model.decoder)}
+    model, rme = trained["rme"]
+    refiner = IterativeInferenceOptimizer(model, latent_dim=LATENT, family=GaussianMixture(5), num_steps=5,
+                                          data_shape=train.shape[1:])
+    refine = RefineFrom(refiner, rme)
+    curves = common.train_resumable(
+        refine, train, parameters=list(refiner.parameters()), modules={"refiner": refiner},  # type: ignore[arg-type]
+        epochs=args.refine_epochs, batch_size=100, lr=1e-3, seed=args.seed, label=f"mixture-{name}-rme_refined",
+        checkpoint=common.checkpoint_file(args, f"mixture-{name}-rme_refined", {"epochs": None, "rme": repr(rme)}),
+        progress=not args.quiet, transform=transform)
+    trained["rme_refined"] = (model, refine)
+    rows["rme_refined"] = {"train_s_per_example": rows["rme"]["train_s_per_example"]
+                           + sum(curves["seconds"]) / (len(curves["seconds"]) * len(train)),
+                           "inference_parameters": rows["rme"]["inference_parameters"] + count(refiner),
+                           "decoder_parameters": rows["rme"]["decoder_parameters"]}
+    for kind, (model, method) in trained.items():
+        family = method.refiner.family if isinstance(method, RefineFrom) else method.family
+        rows[kind].update(evaluate(args, model, method, family, test))
+    timing = time_per_example({kind: method for kind, (_, method) in trained.items()}, test[:100],
+                              repeats=args.timing_repeats)
+    for kind, value in timing.items():
+        rows[kind]["test_s_per_example"] = value
+    return {"rows": rows, **{f"nll_{kind}": row["nll"] for kind, row in rows.items()},
+            "rme_faster_than_semi_amortized": timing["rme"] < timing["semi_amortized"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = common.parse_args("mixture_comparison", __doc__.splitlines()[0], argv=argv, extra=_options)
+    started = common.setup(args)
+    if args.scale == "smoke":
+        args.datasets, args.epochs, args.refine_epochs = ["binarized_mnist"], 1, 1
+        args.train_size, args.test_size, args.iwae_samples, args.estep_steps = 200, 20, 50, 5
+        args.timing_repeats = 1
+    results = {name: run_dataset(args, name) for name in args.datasets}
+    settings = {key: getattr(args, key) for key in ("epochs", "refine_epochs", "train_size", "test_size",
+                                                    "iwae_samples", "estep_steps", "timing_repeats")}
+    result: dict[str, Any] = {"settings": settings, "datasets": results}
+    if "binarized_mnist" in results:
+        result.update({k: v for k, v in results["binarized_mnist"].items() if k.startswith("nll_")})
+    body: list[str] = []
+    for name, data in results.items():
+        body += [f"## {name}", ""]
+        body += common.table(
+            ["method", "test -log p(x)", "ELBO", "approx. gap", "amort. gap", "train s/ex", "test s/ex",
+             "inference params", "decoder params"],
+            [(kind, r["nll"], r["elbo"], r["approximation_gap"], r["amortization_gap"],
+              f"{r['train_s_per_example']:.2e}", f"{r['test_s_per_example']:.2e}", r["inference_parameters"],
+              r["decoder_parameters"]) for kind, r in data["rows"].items()])
+        body.append("")
+    body.append(f"Settings: {settings}.")
+    common.write_results(args, result, title="Mixture posteriors and RME on binarized images", body=body,
+                         started=started)
+    return result
+
+
+if __name__ == "__main__":
+    main()
