@@ -333,15 +333,6 @@ def test_discrete_latent_error_suggests_guide_list():
         AutoIterativeNormal(model)(torch.randn(3))
 
 
-def test_no_plate_error_suggests_autonormal():
-    def model(x):
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("obs", dist.Normal(z, 1.0).expand([len(x)]).to_event(1), obs=x)
-
-    with pytest.raises(ValueError, match=r"no latent site.*plate.*AutoNormal"):
-        AutoIterativeNormal(model)(torch.randn(3))
-
-
 def test_ambiguous_plates_error_asks_for_amortized_plates():
     with pytest.raises(ValueError, match=r"amortized_plates=\('data',\)"):
         AutoIterativeNormal(inner_plate_model)(torch.randn(3, 4))

@@ -28,11 +28,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .elbo import IterativeTrace_ELBO, IterativeTraceMeanField_ELBO, RefinementLossMixin, record_refinement_loss
-from .guide import AutoIterativeNormal
+from .guide import AutoAmortizedNormal, AutoIterativeNormal
 from .layout import LocalLayout, find_amortized_plates, local_layout
 from .log_joint import LocalLogJoint
 
 __all__ = [
+    "AutoAmortizedNormal",
     "AutoIterativeNormal",
     "IterativeTraceMeanField_ELBO",
     "IterativeTrace_ELBO",

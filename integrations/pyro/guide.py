@@ -41,7 +41,16 @@ from pyro.poutine.runtime import NonlocalExit, get_plates
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
+from learned_inference.context import StepContext
+from learned_inference.encodings import (
+    DEFAULT_ENCODING,
+    Concat,
+    Data,
+    Encoding,
+    FeatureShapes,
+    PosteriorParams,
+    make_encoding,
+)
 from learned_inference.engine import Training, refine
 from learned_inference.families import DiagonalGaussian, Params
 from learned_inference.model import LatentSpace
@@ -55,7 +64,7 @@ from .elbo import record_refinement_loss
 from .layout import LocalLayout, check_continuous, find_amortized_plates, left_shape, local_layout, site_plates
 from .log_joint import LocalLogJoint
 
-__all__ = ["AutoIterativeNormal"]
+__all__ = ["AutoAmortizedNormal", "AutoIterativeNormal"]
 
 #: the seed of the refinement noise in :meth:`AutoIterativeNormal.median` and ``quantiles`` (deterministic)
 SUMMARY_SEED = 0
@@ -107,7 +116,8 @@ class AutoIterativeNormal(AutoGuide):
     Args:
         model: a Pyro model.
         amortized_plates: the plate(s) of datapoints; detected when the latent sites sit in exactly one plate.
-        num_steps: refinement steps T (0: the constant λ_0, no amortization).
+        num_steps: refinement steps T; 0 for an encoder only (one learned step from λ_0 that reads the data and
+            not the model's gradient: ``encoding="data"``, as :class:`AutoAmortizedNormal`).
         num_samples: reparameterized samples per refinement gradient.
         init_loc_fn: per-site initialization (λ_0 takes its value averaged over the datapoints).
         init_scale: initial scale of the global sites' AutoNormal posteriors.
@@ -162,7 +172,14 @@ class AutoIterativeNormal(AutoGuide):
         self._num_layers = check_int("num_layers", num_layers, minimum=1)
         self.family = DiagonalGaussian()
         self.encoding = make_encoding(encoding)
+        if not self.num_steps and not _reads_data_only(self.encoding):
+            raise ValueError(
+                f"num_steps=0 is the encoder-only guide: λ is one learned step from λ_0 that reads the data without "
+                f"evaluating the model, but encoding={self.encoding!r} reads more (the gradient or errors): pass "
+                "encoding='data', or use AutoAmortizedNormal"
+            )
         self.globals: AutoNormal | None = None
+        self._data_features: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -191,6 +208,8 @@ class AutoIterativeNormal(AutoGuide):
                 poutine.block(self.model, expose=global_names), init_loc_fn=self.init_loc_fn,
                 init_scale=self.init_scale,
             )
+        if not self.layout.sites:
+            return
         init_loc = self.layout.init_loc
         self.register_buffer("init_loc", init_loc)
         self.register_buffer("init_log_var", torch.zeros_like(init_loc))
@@ -200,10 +219,30 @@ class AutoIterativeNormal(AutoGuide):
         self.network = network
 
     def _create_plates(self, *args: Any, **kwargs: Any) -> dict[str, pyro.plate]:
-        """Creates the plates (as every AutoGuide), with the amortized plates sized on this call's data."""
+        """Creates the plates (as every AutoGuide), with the amortized plates sized on this call's data.
+
+        Within an ``AutoGuideList`` the list creates the plates: from its prototype unless it has ``create_plates``,
+        so a ``ValueError`` says how to size them on the data when this call's data has another size.
+        """
+        if not self.layout.plates:
+            return super()._create_plates(*args, **kwargs)
+        frames = self._amortized_frames(args, kwargs)
         if self.master is None:
-            self._prototype_frames.update({frame.name: frame for frame in self._amortized_frames(args, kwargs)})
-        return super()._create_plates(*args, **kwargs)
+            self._prototype_frames.update({frame.name: frame for frame in frames})
+            return super()._create_plates(*args, **kwargs)
+        plates = super()._create_plates(*args, **kwargs)
+        stale = [(frame.name, plates[frame.name].size, frame.size) for frame in frames
+                 if frame.name in plates and plates[frame.name].size != frame.size]
+        if stale:
+            name, size, wanted = stale[0]
+            raise ValueError(
+                f"the AutoGuideList holding {type(self).__name__} created plate {name!r} with size {size} (from the "
+                f"data it was set up on), but this call's data has {wanted} datapoints: an AutoGuideList sizes its "
+                "plates once, unless it has create_plates. Give it one that sizes the plate on the data, e.g. "
+                f"AutoGuideList(model, create_plates=lambda *args, **kwargs: pyro.plate({name!r}, <datapoints in "
+                "args>)), so the list amortizes over new data."
+            )
+        return plates
 
     def _amortized_frames(self, args: tuple, kwargs: dict) -> list[CondIndepStackFrame]:
         """The amortized plates' frames for these arguments: the model runs up to its first local site only."""
@@ -220,13 +259,51 @@ class AutoIterativeNormal(AutoGuide):
     def _check_prototype(self, part_trace: Any) -> None:
         """Lets the internal AutoNormal for the global sites set itself up under this guide (as its master)."""
 
+    def _registered(self, name: str) -> Any:
+        """The submodule ``name``, its trainable parameters registered with Pyro (as every attribute access to a
+        plain ``nn.Module`` of a ``PyroModule`` does); a frozen one (``requires_grad_(False)``) is used as it is."""
+        module = self._modules[name]
+        assert module is not None  # set up in _setup_prototype
+        return getattr(self, name) if any(p.requires_grad for p in module.parameters()) else module
+
     def _update_network(self, data_features: int, dim: int) -> UpdateNetwork:
         """The network, registered with Pyro; its lazy input layer is sized first, so that Pyro never records an
-        uninitialized parameter."""
+        uninitialized parameter. Raises ``ValueError`` when the observations do not match the first call's."""
+        if self._data_features is None:
+            self._data_features = data_features
+        elif data_features != self._data_features:
+            raise ValueError(
+                f"{type(self).__name__} reads the observed values inside the plate(s) {list(self.layout.plates)} to "
+                f"infer each datapoint's posterior: {self._data_features} per datapoint when it was set up, but "
+                f"{data_features} with these arguments. An observation argument is probably None (the model then "
+                "samples it instead of observing it): pass the observed data, e.g. Predictive(model, guide)(x, y) "
+                "rather than (x, y=None); to predict unobserved outputs, guide only the global sites "
+                "(AutoNormal(poutine.block(model, hide=[<local sites>])))."
+            )
         network: UpdateNetwork = self._modules["network"]  # type: ignore[assignment]  # no pyro.module statement yet
         shapes = FeatureShapes.of(data=data_features, param_names=self.family.param_names, space=LatentSpace(dim))
         network.materialize(self.encoding.num_features(shapes))
-        return self.network
+        registered: UpdateNetwork = self._registered("network")
+        return registered
+
+    @property
+    def locs(self) -> Any:
+        """The global sites' unconstrained locations, as ``AutoNormal.locs`` (a ``PyroModule``, one attribute per
+        site); an ``AttributeError`` before the first call or when every latent site is local."""
+        return self._global_guide().locs
+
+    @property
+    def scales(self) -> Any:
+        """The global sites' scales, as ``AutoNormal.scales``; see :attr:`locs`."""
+        return self._global_guide().scales
+
+    def _global_guide(self) -> AutoNormal:
+        if self.globals is None:
+            raise AttributeError(
+                "this guide has no global sites yet: call it once on data to set it up, or the model has no latent "
+                "site outside the amortized plate (local sites have no per-site parameters: see median())"
+            )
+        return self.globals
 
     # -- the guide --------------------------------------------------------------------------------------------------
 
@@ -240,6 +317,8 @@ class AutoIterativeNormal(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = {} if self.globals is None else self.globals(*args, **kwargs)
+        if not self.layout.sites:
+            return result
         params = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
         locs = self.layout.split(params["loc"])
         scales = self.layout.split(torch.exp(0.5 * params["log_var"]))
@@ -274,6 +353,15 @@ class AutoIterativeNormal(AutoGuide):
         In training (grad enabled), λ_T keeps its graph to the update network, and the surrogate of steps
         1..T−1 is reported to :class:`IterativeTrace_ELBO` (see :mod:`.elbo`).
         """
+        if torch.jit.is_tracing() and self.num_steps:
+            raise RuntimeError(
+                "AutoIterativeNormal cannot be traced by torch.jit (JitTrace_ELBO, JitTraceMeanField_ELBO, "
+                f"torch.jit.trace of the guide): refining the local sites {[s.name for s in self.layout.sites]} "
+                "needs the gradient of each datapoint's log-joint, and the JIT tracer cannot record gradients of "
+                "operations that save their outputs (exp, sigmoid, tanh, ...: pytorch/pytorch#11967). Train with "
+                "the non-JIT ELBO (Trace_ELBO, IterativeTrace_ELBO), or use the encoder-only AutoAmortizedNormal, "
+                "which traces; models without local sites trace as with AutoNormal."
+            )
         layout, family = self.layout, self.family
         amortized = [plates[name] for name in layout.plates]
         frames = [*outer, *(_frame(plate) for plate in amortized)]
@@ -286,14 +374,18 @@ class AutoIterativeNormal(AutoGuide):
         batch, dim = math.prod(left), layout.total_dim
         params = {"loc": self.init_loc.expand(batch, dim), "log_var": self.init_log_var.expand(batch, dim)}
         x = log_joint.observations(params["loc"])
-        network = self._update_network(x.shape[1], dim)
-        update = self.update
+        network = self._update_network(int(x.shape[1]), dim)
+        update = self._registered("update")
+        objective = Objective(log_joint, family, LatentSpace(dim))
+        if not self.num_steps:
+            return {name: value.reshape(*left, dim) for name, value in self._encode(network, update, params, x,
+                                                                                      objective).items()}
         train = torch.is_grad_enabled()
         training = Training(step_parameters=(*network.parameters(), *update.parameters()),
                             step_weights=partial(_inner_step_weights, scale=scale))
         run = refine(
             partial(learned_step, self.encoding, network, update), params, x,
-            objective=Objective(log_joint, family, LatentSpace(dim)), num_steps=self.num_steps,
+            objective=objective, num_steps=self.num_steps,
             noise=lambda t: sample_noise(self.num_samples, batch, dim, dtype=x.dtype, device=x.device,
                                          generator=generator),
             training=training, train=train, evaluate_last=False,
@@ -302,12 +394,27 @@ class AutoIterativeNormal(AutoGuide):
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
         return {name: value.reshape(*left, dim) for name, value in run.params.items()}
 
+    def _encode(self, network: UpdateNetwork, update: Any, initial: Params, x: Tensor, objective: Objective) -> Params:
+        """λ = one learned step from λ_0 that reads the data only (``num_steps=0``, :class:`AutoAmortizedNormal`):
+        the model is not evaluated, so its gradient is neither needed nor computed (and the guide traces)."""
+        batch = x.shape[0]
+        zeros = {name: torch.zeros_like(value) for name, value in initial.items()}
+        context = StepContext(x=x, params=initial, grads=zeros, elbo=x.new_zeros(batch),
+                              healthy=torch.ones(batch, dtype=torch.bool, device=x.device), t=0,
+                              noise=x.new_zeros(0, batch, objective.space.total_dim), objective=objective)
+        proposal, _ = learned_step(self.encoding, network, update, context, None)
+        return self.family.constrain(proposal)
+
     # -- summaries ---------------------------------------------------------------------------------------------------
 
     def _posterior(self, args: tuple, kwargs: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Unconstrained (loc, scale) per local site for the data in ``args``, with deterministic refinement noise."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if not self.layout.sites:
+            return {}, {}
+        if self.master is not None:  # an AutoGuideList's summaries do not size its plates on these arguments
+            self.master()._create_plates(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         conditioned = {} if self.globals is None else self.globals.median(*args, **kwargs)
         generator = torch.Generator(device=self.init_loc.device).manual_seed(SUMMARY_SEED)
@@ -352,6 +459,69 @@ class AutoIterativeNormal(AutoGuide):
         self._model = model
         state["_model"] = model
         return state
+
+
+class AutoAmortizedNormal(AutoIterativeNormal):
+    """An amortized diagonal Normal autoguide without refinement: an encoder network maps each datapoint's
+    observations to its local posterior, λ_i = γ ⊙ λ_0 + (1 − γ) ⊙ f_φ(x_i) (the gated update from the constant
+    start, a standard encoder: the paper's one step, Sec. 4.2).
+
+    It is :class:`AutoIterativeNormal` with ``num_steps=0`` and ``encoding="data"``: the same set-up, global sites,
+    plates, summaries and errors, but the model is not evaluated to infer the local sites, so a call costs one
+    network pass, and ``torch.jit`` traces it (``JitTrace_ELBO``). Prefer :class:`AutoIterativeNormal` where the
+    encoder leaves an amortization gap (a weak encoder, sparse data, a frozen model).
+
+    Usage::
+
+        guide = AutoAmortizedNormal(model)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), JitTrace_ELBO())
+
+    Args:
+        model: a Pyro model.
+        amortized_plates: as for :class:`AutoIterativeNormal`.
+        init_loc_fn: per-site initialization of λ_0 (and of the global sites).
+        init_scale: initial scale of the global sites' AutoNormal posteriors.
+        update: ``"gated"`` or ``"residual"``.
+        network: ``"highway"`` or an :class:`~learned_inference.networks.UpdateNetwork`.
+        hidden_size: units per layer of the encoder.
+        num_layers: hidden layers of the highway encoder.
+        create_plates: as for every ``AutoGuide``.
+
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+        >>> AutoAmortizedNormal(model, hidden_size=8).median(torch.zeros(3))["z"].shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        *,
+        amortized_plates: str | Sequence[str] | None = None,
+        init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
+        init_scale: float = 0.1,
+        update: str = "gated",
+        network: str | UpdateNetwork = "highway",
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        create_plates: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__(
+            model, amortized_plates=amortized_plates, num_steps=0, init_loc_fn=init_loc_fn, init_scale=init_scale,
+            encoding="data", update=update, network=network, hidden_size=hidden_size, num_layers=num_layers,
+            create_plates=create_plates,
+        )
+
+
+def _reads_data_only(encoding: Encoding) -> bool:
+    """Whether an encoding reads only the data and λ (an encoder's inputs), not the model's gradient or errors."""
+    if isinstance(encoding, Concat):
+        return all(_reads_data_only(part) for part in encoding.encodings)
+    return isinstance(encoding, (Data, PosteriorParams))
 
 
 def _frame(plate: pyro.plate) -> Any:

@@ -93,11 +93,14 @@ def check_continuous(trace: Trace) -> None:
         if support.is_discrete:
             raise ValueError(
                 f"AutoIterativeNormal needs continuous latent sites, but site {name!r} is discrete "
-                f"(support {support}). Guide it with another autoguide and compose them: "
-                "guide = AutoGuideList(model); "
+                f"(support {support}). Continuous inference cannot handle discrete sample site {name!r}: consider "
+                "enumerating that variable as documented in https://pyro.ai/examples/enumeration.html "
+                "(infer={'enumerate': 'parallel'} in the model, trained with TraceEnum_ELBO), and hide it from this "
+                f"guide: AutoIterativeNormal(poutine.block(model, hide=[{name!r}])). To guide it instead, compose "
+                "guides: guide = AutoGuideList(model); "
                 f"guide.append(AutoIterativeNormal(poutine.block(model, hide=[{name!r}]))); "
                 f"guide.append(AutoDiscreteParallel(poutine.block(model, expose=[{name!r}]))), "
-                "trained with TraceEnum_ELBO, or enumerate it in the model (infer={'enumerate': 'parallel'})."
+                "trained with TraceEnum_ELBO."
             )
 
 
@@ -107,22 +110,18 @@ def find_amortized_plates(trace: Trace, amortized_plates: str | Sequence[str] | 
     Args:
         trace: a prototype trace holding the model's latent sites only.
         amortized_plates: a plate name, a sequence of them, or None to detect the single plate.
+
+    Returns:
+        The plate names; empty when detecting and no latent site sits in a plate (every latent site is global).
     """
     used = set().union(*(site_plates(site) for _, site in trace.iter_stochastic_nodes()))
     if amortized_plates is None:
-        if not used:
-            raise ValueError(
-                "AutoIterativeNormal amortizes per-datapoint latent variables over a pyro.plate of datapoints, "
-                "but no latent site of this model sits inside a plate. Put the per-datapoint latents inside "
-                "`with pyro.plate('data', N):`, or use AutoNormal / AutoMultivariateNormal for a model without "
-                "local latents."
-            )
         if len(used) > 1:
             raise ValueError(
                 f"the latent sites sit in several plates {sorted(used)}, so the plate of datapoints is ambiguous: "
                 "name it, e.g. AutoIterativeNormal(model, amortized_plates=('data',))"
             )
-        return (used.pop(),)
+        return tuple(used)
     names = (amortized_plates,) if isinstance(amortized_plates, str) else tuple(amortized_plates)
     missing = [name for name in names if name not in used]
     if not names or missing:
@@ -164,13 +163,13 @@ class LocalLayout:
 
     Attributes:
         sites: the local sites.
-        plates: names of the amortized plates.
+        plates: names of the amortized plates (none when every latent site is global).
         plate_dim: the dim of the innermost amortized plate (negative, counted over batch dimensions).
     """
 
     sites: tuple[LocalSite, ...]
     plates: tuple[str, ...]
-    plate_dim: int
+    plate_dim: int = -1
 
     @property
     def total_dim(self) -> int:
@@ -216,6 +215,8 @@ def local_layout(trace: Trace, plates: tuple[str, ...]) -> LocalLayout:
     Raises ``ValueError`` if a latent site sits in some but not all of them, or if a local site sits in a plate
     outside the amortized plates that is not itself amortized (its datapoints would not be independent).
     """
+    if not plates:
+        return LocalLayout(sites=(), plates=())
     dims = {
         frame.name: frame.dim
         for _, site in trace.iter_stochastic_nodes()

@@ -115,6 +115,8 @@ class LocalLogJoint:
                 continue
             fn, value = sample_site(site)
             shape = fn.batch_shape + fn.event_shape
+            if not math.prod(fn.event_shape):  # nothing observed, e.g. pyro.factor's empty value
+                continue
             features.append(self.layout.datapoint_features(value.float().expand(shape), event_dim=fn.event_dim))
         if not features:
             return u.new_zeros(math.prod(self.left_shape), 0)

@@ -1,0 +1,184 @@
+"""``AutoIterativeNormal`` as a drop-in for ``AutoNormal`` (issue 15): models without local sites, ``pyro.factor``
+in the plate, guide lists on new data sizes, missing observations, frozen guides, JIT, and the encoder-only
+``AutoAmortizedNormal``. Pyro's own autoguide tests run with ``benchmarks/pyro_autoguide_suite.py``."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+
+pyro = pytest.importorskip("pyro")
+
+import pyro.distributions as dist  # noqa: E402
+import torch  # noqa: E402
+from pyro import poutine  # noqa: E402
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO  # noqa: E402
+from pyro.infer.autoguide import AutoGuideList, AutoNormal  # noqa: E402
+
+from learned_inference.integrations.pyro import (  # noqa: E402
+    AutoAmortizedNormal,
+    AutoIterativeNormal,
+    IterativeTrace_ELBO,
+)
+
+SMALL = {"num_steps": 2, "hidden_size": 16}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def global_model(x):
+    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=x)
+
+
+def local_model(x, y=None):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z + x, 0.5), obs=y)
+
+
+def test_global_only_model_is_guided_like_autonormal():
+    x = torch.randn(20) + 2.0
+    guide = AutoIterativeNormal(global_model, **SMALL)
+    svi = SVI(global_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(x)
+    assert set(guide(x)) == {"loc", "scale"}
+    assert guide.median(x)["loc"] == pytest.approx(x.mean().item(), abs=0.3)
+    assert guide.quantiles([0.5], x)["scale"].shape == (1,)
+    assert guide.locs.loc.shape == () and guide.scales.scale.shape == ()  # AutoNormal's attributes
+    assert not any(name.startswith("network") for name, _ in guide.named_parameters())
+
+
+def test_model_without_latents_gives_an_empty_dict():
+    guide = AutoIterativeNormal(lambda x: pyro.sample("obs", dist.Normal(0.0, 1.0), obs=x), **SMALL)
+    assert guide(torch.zeros(())) == {}
+    assert guide.median(torch.zeros(())) == {}
+
+
+def test_factor_inside_the_plate_enters_the_loss_per_datapoint():
+    def model(log_factor):
+        pyro.sample("z1", dist.Normal(0.0, 1.0))
+        pyro.factor("f1", log_factor)
+        with pyro.plate("plate", 3):
+            pyro.factor("f2", log_factor)
+            pyro.sample("z3", dist.Normal(0.0, 1.0))
+
+    guide = AutoIterativeNormal(model, **SMALL)
+    elbo = Trace_ELBO()
+    elbo.loss(model, guide, torch.tensor(0.0))
+    pyro.set_rng_seed(1)
+    loss_5 = elbo.loss(model, guide, torch.tensor(5.0))
+    pyro.set_rng_seed(1)
+    loss_4 = elbo.loss(model, guide, torch.tensor(4.0))
+    assert loss_5 - loss_4 == pytest.approx(-1 - 3)
+
+
+def test_discrete_error_gives_pyro_enumeration_guidance():
+    def model():
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        pyro.sample("x", dist.Bernoulli(p))
+
+    with pytest.raises(ValueError, match=r"enumeration\.html.*hide=\['x'\]"):
+        AutoIterativeNormal(model)()
+
+
+def test_guide_list_on_new_data_sizes():
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("obs", dist.Normal(z, 0.5), obs=x)
+
+    def guide_list(create_plates):
+        guide = AutoGuideList(model, create_plates=create_plates)
+        guide.append(AutoNormal(poutine.block(model, expose=["loc"])))
+        guide.append(AutoIterativeNormal(poutine.block(model, hide=["loc"]), **SMALL))
+        return guide
+
+    guide = guide_list(None)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), IterativeTrace_ELBO())
+    svi.step(torch.randn(6))
+    with pytest.raises(ValueError, match=r"plate 'data' with size 6.*50 datapoints.*create_plates"):
+        svi.step(torch.randn(50))
+    pyro.clear_param_store()
+    guide = guide_list(lambda x: pyro.plate("data", len(x)))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), IterativeTrace_ELBO())
+    assert math.isfinite(svi.step(torch.randn(6))) and math.isfinite(svi.step(torch.randn(50)))
+    assert guide(torch.randn(50))["z"].shape == (50,)
+    assert guide.median(torch.randn(7))["z"].shape == (7,)
+
+
+def test_missing_observations_are_named():
+    x, y = torch.randn(5), torch.randn(5)
+    guide = AutoIterativeNormal(local_model, **SMALL)
+    guide(x, y)
+    assert Predictive(local_model, guide=guide, num_samples=3)(x, y)["z"].shape == (3, 5)
+    with pytest.raises(ValueError, match=r"1 per datapoint when it was set up, but 0.*None"):
+        Predictive(local_model, guide=guide, num_samples=3)(x)
+
+
+def test_frozen_guide_does_not_warn():
+    x, y = torch.randn(5), torch.randn(5)
+    guide = AutoIterativeNormal(local_model, **SMALL)
+    SVI(local_model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(x, y)
+    guide.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide(x, y)
+        Trace_ELBO().loss(local_model, guide, x, y)
+
+
+def test_jit_refuses_refinement_with_a_clear_error_and_traces_without_local_sites():
+    x, y = torch.randn(5), torch.randn(5)
+    elbo = JitTrace_ELBO(ignore_jit_warnings=True)
+    with pytest.raises(RuntimeError, match=r"cannot be traced by torch.jit.*'z'.*AutoAmortizedNormal"):
+        elbo.loss_and_grads(local_model, AutoIterativeNormal(local_model, **SMALL), x, y)
+    guide = AutoIterativeNormal(global_model, **SMALL)
+    svi = SVI(global_model, guide, pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO(ignore_jit_warnings=True))
+    assert all(math.isfinite(svi.step(x)) for _ in range(3))
+
+
+def test_encoder_only_guide_trains_with_jit_and_matches_the_plain_elbo():
+    x, y = torch.randn(5), torch.randn(5)
+    guide = AutoAmortizedNormal(local_model, hidden_size=16)
+    svi = SVI(local_model, guide, pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO(ignore_jit_warnings=True))
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+    pyro.set_rng_seed(2)
+    traced = JitTrace_ELBO(ignore_jit_warnings=True).loss(local_model, guide, x, y)
+    pyro.set_rng_seed(2)
+    assert traced == pytest.approx(Trace_ELBO().loss(local_model, guide, x, y))
+    assert guide.num_steps == 0 and guide.median(torch.randn(9), torch.randn(9))["z"].shape == (9,)
+
+
+def test_encoder_only_guide_serializes_with_torch_jit():
+    x, y = torch.randn(4), torch.randn(4)
+    guide = AutoAmortizedNormal(local_model, hidden_size=16)
+    guide(x, y)
+    pyro.set_rng_seed(0)
+    (expected,) = guide.call(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace_module(guide, {"call": (x, y)}, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    pyro.set_rng_seed(0)
+    (actual,) = torch.jit.load(buffer).call(x, y)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_encoder_only_needs_a_data_encoding():
+    with pytest.raises(ValueError, match=r"num_steps=0 is the encoder-only guide.*encoding='data'"):
+        AutoIterativeNormal(local_model, num_steps=0)
