@@ -231,8 +231,8 @@ class AutoIterativeNormal(AutoGuide):
             self._prototype_frames.update({frame.name: frame for frame in frames})
             return super()._create_plates(*args, **kwargs)
         plates = super()._create_plates(*args, **kwargs)
-        stale = [(frame.name, plates[frame.name].size, frame.size) for frame in frames
-                 if frame.name in plates and plates[frame.name].size != frame.size]
+        stale = [(frame.name, plates[frame.name].subsample_size, frame.size) for frame in frames
+                 if frame.name in plates and plates[frame.name].subsample_size != frame.size]
         if stale:
             name, size, wanted = stale[0]
             raise ValueError(
