@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from learned_inference.errors import observation_errors, precision_weighted_errors
-from learned_inference.families import Params
+from learned_inference.families import Family, Params
 from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.objectives import Objective, prior_moments
 
@@ -102,6 +102,12 @@ class StepContext:
             return natural
         split = self.objective.space.split
         return {n: split(g)[self.variable] for n, g in natural.items()}  # type: ignore[index]
+
+    @property
+    def family(self) -> Family:
+        """The posterior family of this view (one variable's family in a per-variable view)."""
+        family = self.objective.family
+        return family if self.variable is None else family.families[self.variable]  # type: ignore[attr-defined]
 
     def _root(self) -> StepContext:
         return self if self._full is None else self._full

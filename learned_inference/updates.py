@@ -10,8 +10,12 @@ Residual update (Andrychowicz et al. 2016): λ_{t+1} = λ_t + f_t.
 Natural-gradient update: a learned, per-component step size on the gradient preconditioned by the inverse Fisher
 information of q_λ (a learned preconditioner whose step vanishes with the gradient), with learned momentum:
 
-    v_{t+1} = β_t ⊙ v_t + η_t ⊙ F(λ_t)⁻¹ ∇_λ L_t,   λ_{t+1} = λ_t + v_{t+1},
-    η_t = η_max · sigmoid(W_η h_t + b_η),   β_t = sigmoid(W_β h_t + b_β)   (v_0 = 0; β = 0 without momentum).
+    v_{t+1} = c_t · (β_t ⊙ v_t + η_t ⊙ F(λ_t)⁻¹ ∇_λ L_t),   λ_{t+1} = λ_t + v_{t+1},
+    η_t = η_max · sigmoid(W_η h_t + b_η),   β_t = sigmoid(W_β h_t + b_β)   (v_0 = 0; β = 0 without momentum),
+
+with an optional trust region on every example's step, c_t = min(1, √(2·KL_max) / ‖v‖_F) (‖·‖_F the Fisher norm:
+½‖v‖_F² is KL(q_{λ_t} ‖ q_{λ_{t+1}}) to second order), so a step is never longer than KL_max nats, however steep
+the ELBO (far from the posterior, e.g. from the prior).
 
 Updates may carry state from step to step (the momentum v): ``forward(hidden, context, state) -> (λ, state)``.
 
@@ -28,6 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from learned_inference.context import StepContext
@@ -168,15 +173,20 @@ class NaturalGradientUpdate(Update):
         init_step: the step size every component starts with, in (0, max_step).
         momentum: learn a momentum β (else β = 0: no state).
         init_momentum: the momentum every component starts with, in (0, 1).
+        max_kl: the trust region KL_max in nats per step and example, or None for none.
     """
 
     def __init__(self, param_names: ParamNames, *, hidden_size: int, dim: int, max_step: float = 2.0,
-                 init_step: float = 0.5, momentum: bool = False, init_momentum: float = 0.5) -> None:
+                 init_step: float = 0.5, momentum: bool = False, init_momentum: float = 0.5,
+                 max_kl: float | None = None) -> None:
         super().__init__()
         if not 0 < init_step < max_step:
             raise ValueError(f"need 0 < init_step < max_step, got init_step={init_step!r}, max_step={max_step!r}")
         if not 0 < init_momentum < 1:
             raise ValueError(f"need 0 < init_momentum < 1, got {init_momentum!r}")
+        if max_kl is not None and not max_kl > 0:
+            raise ValueError(f"max_kl must be > 0 nats (or None for no trust region), got {max_kl!r}")
+        self.max_kl = None if max_kl is None else float(max_kl)
         self.hidden_size, self.dim, self.max_step = hidden_size, dim, float(max_step)
         self.steps = _heads(param_names, hidden_size, dim, init_scale=1e-3, init_bias=_logit(init_step / max_step))
         self.momenta = (_heads(param_names, hidden_size, dim, init_scale=1e-3, init_bias=_logit(init_momentum))
@@ -187,6 +197,10 @@ class NaturalGradientUpdate(Update):
         velocity = {name: self.max_step * self.steps[name](hidden).sigmoid() * natural[name] for name in natural}
         if self.momenta is not None and state is not None:
             velocity = {name: self.momenta[name](hidden).sigmoid() * state[name] + v for name, v in velocity.items()}
+        if self.max_kl is not None:
+            length = context.family.fisher_norm(context.params, velocity)
+            scale = torch.clamp(math.sqrt(2 * self.max_kl) / length.clamp_min(1e-30), max=1.0).unsqueeze(-1)
+            velocity = {name: scale * v for name, v in velocity.items()}
         params = {name: value + velocity[name] for name, value in context.params.items()}
         return params, velocity if self.momenta is not None else None
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from learned_inference import IterativeInferenceOptimizer
+from learned_inference.block_family import BlockFamily
 from learned_inference.families import DiagonalGaussian
 from learned_inference.model import LatentSpace
 from learned_inference.objectives import Objective, sample_noise
@@ -77,3 +78,39 @@ def test_antithetic_pairs_cancel_the_gradient_noise_of_a_quadratic_model():
     assert loc_gradients(True).std(0).max() < 1e-10 < 1e-2 < loc_gradients(False).std(0).min()
     with pytest.raises(ValueError, match="antithetic=True needs an even num_samples"):
         IterativeInferenceOptimizer(model, num_samples=3, antithetic=True, latent_dim=2)
+
+
+def test_fisher_norm_is_twice_the_kl_to_second_order():
+    """½‖Δ‖_F² = KL(q_λ || q_{λ+Δ}) + O(|Δ|³): checked on a small step, for one Gaussian and for two blocks."""
+    gen = torch.Generator().manual_seed(0)
+    family = DiagonalGaussian()
+    params = {"loc": torch.randn(4, 3, generator=gen).double(), "log_var": torch.randn(4, 3, generator=gen).double()}
+    step = {name: 1e-3 * torch.randn(4, 3, generator=gen).double() for name in params}
+    moved = {name: params[name] + step[name] for name in params}
+    kl = torch.distributions.kl_divergence(family.distribution(params), family.distribution(moved))
+    torch.testing.assert_close(0.5 * family.fisher_norm(params, step).square(), kl, rtol=1e-2, atol=0)
+    blocks = BlockFamily({"a": "diagonal_gaussian", "b": "diagonal_gaussian"}, space=LatentSpace({"a": 1, "b": 2}))
+    torch.testing.assert_close(blocks.fisher_norm(params, step), family.fisher_norm(params, step))
+
+
+def test_the_trust_region_bounds_every_step_and_leaves_short_steps_alone():
+    """From the prior the ELBO is steep: every example's step is cut to ½‖Δ‖_F² = max_kl; a generous region
+    changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    model = ProbabilisticPCA.random(data_dim=6, latent_dim=2, dtype=torch.float64, generator=gen)
+    x = 20 * model.sample(5, generator=gen)
+
+    def first_step(max_kl: float | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(1)
+        update = NaturalGradientUpdate(("loc", "log_var"), hidden_size=8, dim=2, max_kl=max_kl)
+        inference = IterativeInferenceOptimizer(model, latent_dim=2, update=update, hidden_size=8).double()
+        result = inference.infer(x, num_steps=1, record_params=True)
+        return result.trajectory[0], result.params
+
+    start, bounded = first_step(0.1)
+    step = {name: bounded[name] - start[name] for name in start}
+    kl = 0.5 * DiagonalGaussian().fisher_norm(start, step).square()
+    torch.testing.assert_close(kl, torch.full((5,), 0.1, dtype=torch.float64))
+    torch.testing.assert_close(first_step(1e9)[1], first_step(None)[1])
+    with pytest.raises(ValueError, match="max_kl must be > 0 nats"):
+        NaturalGradientUpdate(("loc",), hidden_size=4, dim=2, max_kl=0.0)
