@@ -140,14 +140,68 @@ def test_frozen_guide_does_not_warn():
         Trace_ELBO().loss(local_model, guide, x, y)
 
 
-def test_jit_refuses_refinement_with_a_clear_error_and_traces_without_local_sites():
+def test_jit_trains_the_refining_guide_with_the_same_loss_and_gradients_as_without():
     x, y = torch.randn(5), torch.randn(5)
-    elbo = JitTrace_ELBO(ignore_jit_warnings=True)
-    with pytest.raises(RuntimeError, match=r"cannot be traced by torch.jit.*'z'.*AutoAmortizedNormal"):
-        elbo.loss_and_grads(local_model, AutoIterativeNormal(local_model, **SMALL), x, y)
-    guide = AutoIterativeNormal(global_model, **SMALL)
+    guide = AutoIterativeNormal(local_model, **SMALL)
+    svi = SVI(local_model, guide, pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO(ignore_jit_warnings=True))
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+    jit, plain = JitTrace_ELBO(ignore_jit_warnings=True, num_particles=3), Trace_ELBO(num_particles=3)
+    jit.loss_and_grads(local_model, guide, x, y), plain.loss(local_model, guide, x, y)  # compile; guess nesting
+    params = [p.unconstrained() for p in pyro.get_param_store().values()]
+    x, y = torch.randn(5), torch.randn(5)  # new data: the traced graph refines it (no values baked in)
+
+    def loss_and_grads(elbo):
+        for p in params:
+            p.grad = None
+        pyro.set_rng_seed(3)
+        return elbo.loss_and_grads(local_model, guide, x, y), [p.grad.clone() for p in params]
+
+    (traced, traced_grads), (expected, expected_grads) = loss_and_grads(jit), loss_and_grads(plain)
+    assert traced == pytest.approx(expected, rel=1e-5)
+    for actual, wanted in zip(traced_grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)
+    guide = AutoIterativeNormal(global_model, **SMALL)  # no local sites: traced as AutoNormal
     svi = SVI(global_model, guide, pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO(ignore_jit_warnings=True))
     assert all(math.isfinite(svi.step(x)) for _ in range(3))
+
+
+def test_lr_005_on_a_conjugate_model_recovers_the_exact_posterior_with_network_scale():
+    def model(data):  # Pyro's test_exact_batch: posterior N(x_i / 2, 1/2) per datapoint
+        with pyro.plate("data", len(data)):
+            loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+    data = torch.randn(3)
+    guide = AutoIterativeNormal(model, num_steps=2, network_scale=0.1)  # default width: it collapses at 0.05
+    elbo = Trace_ELBO(num_particles=10, vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.1 ** (1 / 300)}), elbo)
+    for _ in range(300):
+        svi.step(data)
+    guide.requires_grad_(False)
+    with torch.no_grad():
+        samples = poutine.trace(pyro.plate("particles", 4000, dim=-2)(guide)).get_trace(data).nodes["loc"]["value"]
+    torch.testing.assert_close(samples.mean(0), data / 2, rtol=0.0, atol=0.1)
+    torch.testing.assert_close(samples.std(0), torch.full((3,), 0.5**0.5), rtol=0.1, atol=0.0)
+
+
+def test_network_scale_is_checked_and_stores_the_network_scaled():
+    with pytest.raises(ValueError, match=r"network_scale must be a float in \(0, 1\], got 0"):
+        AutoIterativeNormal(local_model, network_scale=0)
+    x, y = torch.randn(5), torch.randn(5)
+    pyro.set_rng_seed(0)
+    scaled = AutoIterativeNormal(local_model, network_scale=0.1, **SMALL)
+    scaled(x, y)
+    pyro.set_rng_seed(0)
+    plain = AutoIterativeNormal(local_model, **SMALL)
+    plain(x, y)
+    stored = dict(scaled.named_parameters())
+    for name, value in plain.named_parameters():  # same network, stored ten times larger
+        owner, _, leaf = name.rpartition(".")
+        torch.testing.assert_close(stored[f"{owner}.parametrizations.{leaf}.original"], value / 0.1)
+    pyro.set_rng_seed(1)
+    expected = plain.median(x, y)["z"]
+    pyro.set_rng_seed(1)
+    torch.testing.assert_close(scaled.median(x, y)["z"], expected)
 
 
 def test_encoder_only_guide_trains_with_jit_and_matches_the_plain_elbo():

@@ -30,7 +30,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,10 +42,15 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from learned_inference.families import Family, Params
+from learned_inference.model import LatentSpace
+from learned_inference.objectives import Objective, PriorMoments
 
 from .layout import LocalLayout, sample_site, site_plates
 
-__all__ = ["LocalLogJoint"]
+__all__ = ["LocalLogJoint", "TracedObjective"]
 
 
 class LocalLogJoint:
@@ -124,3 +131,96 @@ class LocalLogJoint:
         return torch.cat([f.expand(*self.left_shape, w) for f, w in zip(features, width, strict=True)], -1).reshape(
             -1, sum(width)
         )
+
+
+@dataclass(frozen=True)
+class TracedObjective(Objective):
+    """An :class:`~learned_inference.objectives.Objective` over a :class:`LocalLogJoint` whose ELBO and λ-gradient
+    ``torch.jit.trace`` records as one operation (``JitTrace_ELBO``, ``torch.jit.trace`` of the guide).
+
+    The JIT tracer cannot record the gradient of an operation that saves its output (``exp``, ``sigmoid``, ...:
+    pytorch/pytorch#11967), so the log-joint's λ-gradient would be traced wrongly. Here it is an opaque
+    ``torch.autograd.Function`` (a ``prim::PythonOp`` in the traced graph) that runs the model untraced at every
+    call of the traced function, on that call's tensors (the model's arguments, the conditioned global sites, λ,
+    the noise). Its outputs have no gradient, as in the untraced first-order refinement (the steps see the gradient
+    detached). A traced graph with this operation runs, but cannot be saved with ``torch.jit.save``.
+    """
+
+    def elbo_and_grad(self, params: Params, x: Tensor, noise: Tensor) -> tuple[Tensor, Params]:
+        """Per-example ELBO ``[B]`` and ∇_λ L, through :class:`_ElboAndGrad`."""
+        log_joint = self.model
+        assert isinstance(log_joint, LocalLogJoint)
+        leaves, tree = pytree.tree_flatten((log_joint.args, log_joint.kwargs, log_joint.conditioned))
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        names = list(params)
+        spec = _OpSpec(
+            model=log_joint.model, layout=log_joint.layout, left_shape=log_joint.left_shape,
+            subsample_scale=log_joint.subsample_scale, objective=(self.family, self.space, self.prior), tree=tree,
+            leaves=[None if i in positions else leaf for i, leaf in enumerate(leaves)], positions=positions,
+            shapes=[tuple(map(int, leaves[i].shape)) for i in positions], names=names,
+        )
+        tensors = [leaves[i] for i in positions] + [params[n] for n in names] + [x, noise]
+        values, *grads = _ElboAndGrad.apply(spec, *(t.detach() for t in tensors))
+        return values, dict(zip(names, grads, strict=True))
+
+
+@dataclass(frozen=True)
+class _OpSpec:
+    """What :class:`_ElboAndGrad` rebuilds the log-joint from (stored in the traced graph; holds no tensor)."""
+
+    model: Callable[..., Any]
+    layout: LocalLayout
+    left_shape: tuple[int, ...]
+    subsample_scale: float
+    objective: tuple[Family, LatentSpace, PriorMoments | None]
+    tree: pytree.TreeSpec
+    leaves: list[Any]
+    positions: list[int]
+    shapes: list[tuple[int, ...]]
+    names: list[str]
+
+    def evaluate(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """(ELBO, *∇_λ L) from the tensors: the model's tensor arguments and conditioned values, λ, x, the noise."""
+        leaves = list(self.leaves)
+        for i, tensor, shape in zip(self.positions, tensors, self.shapes, strict=False):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"AutoIterativeNormal was traced by torch.jit (JitTrace_ELBO) for arguments of shapes "
+                    f"{self.shapes}, and is now called with a {tuple(tensor.shape)} tensor where it had {shape}: its "
+                    "traced graph has the plate sizes built in. Give the traced ELBO data of one shape (e.g. "
+                    "mini-batches of one size: DataLoader(..., drop_last=True)), or train "
+                    "with the non-JIT ELBO (Trace_ELBO, IterativeTrace_ELBO)."
+                )
+            leaves[i] = tensor
+        args, kwargs, conditioned = pytree.tree_unflatten(leaves, self.tree)
+        rest = tensors[len(self.positions):]
+        params, (x, noise) = dict(zip(self.names, rest, strict=False)), rest[len(self.names):]
+        log_joint = LocalLogJoint(self.model, args, kwargs, layout=self.layout, left_shape=self.left_shape,
+                                  conditioned=conditioned, subsample_scale=self.subsample_scale)
+        values, grads = Objective(log_joint, *self.objective).elbo_and_grad(params, x, noise)
+        return values, *(grads[n] for n in self.names)
+
+
+class _ElboAndGrad(torch.autograd.Function):
+    """The ELBO and its λ-gradient as one operation: untraced inside, without gradient outside."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: _OpSpec, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.num_inputs = len(tensors)
+        with _untraced():
+            return spec.evaluate(tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:
+        return (None,) * (1 + ctx.num_inputs)
+
+
+@contextmanager
+def _untraced() -> Iterator[None]:
+    """Pauses the JIT tracer (its recording of this operation's inside would fail on the gradient)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)  # type: ignore[attr-defined]  # private: no public pause
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)  # type: ignore[attr-defined]
