@@ -135,8 +135,10 @@ class _GradientRefinement(InferenceMethod):
                     f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has "
                     "none (use init='highway' to build an encoder)"
                 )
+            self._check_pair_encoder(init, fix="use init='highway' (an encoder for all of λ) or a callable returning "
+                                     "λ as a dict")
             self.encoder = model.encode  # type: ignore[attr-defined]
-        elif init == "highway" and not self._encodes_whole_params():
+        elif init == "highway" and not self._encoder_gives_all_params():
             total = self.space.total_dim
             self.encoder = HighwayEncoder(total, hidden_size=hidden_size, num_layers=num_layers)
         elif init == "highway":
@@ -165,10 +167,6 @@ class _GradientRefinement(InferenceMethod):
         """
         return super().forward(x, init_params=init_params, noise=noise)
 
-    def _encodes_whole_params(self) -> bool:
-        """Whether λ has parameters beyond (loc, log_var) (a mixture's logits): then an encoder returns all of λ."""
-        return not set(self.family.param_names) <= {"loc", "log_var"}
-
     def init(self, x: Tensor) -> Params:
         """λ_0: the prior, or the encoder's (loc, log_var) with its graph (checked by
         :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them); for a
@@ -176,7 +174,7 @@ class _GradientRefinement(InferenceMethod):
         space = self.space
         if self.encoder is None:
             return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
-        if self._encodes_whole_params():
+        if self._encoder_gives_all_params():
             out = self.encoder(x)
             if not isinstance(out, Mapping):
                 raise TypeError(f"family={self.family!r} needs an encoder returning all of λ, a dict with entries "

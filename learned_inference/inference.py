@@ -242,6 +242,17 @@ class InferenceMethod(nn.Module):
         else:
             check_batch_norm_modes(self._batch_norms)
 
+    def _encoder_gives_all_params(self) -> bool:
+        """Whether λ has parameters beyond (loc, log_var) (a mixture's logits): then an encoder for it returns all of
+        λ as a dict, and a (loc, log_var) encoder such as ``model.encode`` cannot start it."""
+        return not set(self.family.param_names) <= {"loc", "log_var"}
+
+    def _check_pair_encoder(self, init: str, *, fix: str) -> None:
+        """Raises, naming ``fix``, when ``init`` (a ``(loc, log_var)`` encoder) cannot start this family's λ."""
+        if self._encoder_gives_all_params():
+            raise ValueError(f"init={init!r} starts from model.encode(x)'s (loc, log_var), but family={self.family!r} "
+                             f"has parameters {list(self.family.param_names)}: {fix}")
+
     def _flatten(self, params: dict[str, Any], x: Tensor) -> Params:
         """The public form of λ (per variable for several latents) → the flat internal form, validated: every
         entry a finite ``[B, D]`` tensor in x's dtype and device, named ``init_params[...]`` in errors."""

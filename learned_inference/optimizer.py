@@ -97,8 +97,8 @@ def _build_update(update: str | Update, network: UpdateNetwork, family: Family, 
                              f"dimensions, got hidden_size={update.hidden_size}, dim={update.dim}; pass a name "
                              "('gated', 'residual') to build matching heads")
         return update
-    heads = {v: make_update(update, family.param_names if v is not None else family.param_sizes(space.total_dim),
-                            hidden_size=net.hidden_size, dim=space.total_dim if v is None else space.sizes[v])
+    sizes = {v: space.total_dim if v is None else space.sizes[v] for v in parts}
+    heads = {v: make_update(update, family.param_sizes(sizes[v]), hidden_size=net.hidden_size, dim=sizes[v])
              for v, net in parts.items()}
     return heads[None] if None in heads else PerVariableUpdate(heads)  # type: ignore[arg-type]
 
@@ -183,10 +183,9 @@ class IterativeInferenceOptimizer(InferenceMethod):
             raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
         if init == "encoder" and not callable(getattr(model, "encode", None)):
             raise ValueError(f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has none")
-        if init == "encoder" and not set(self.family.param_names) <= {"loc", "log_var"}:
-            raise ValueError(f"init='encoder' starts from model.encode(x)'s (loc, log_var), but family={self.family!r} "
-                             f"has parameters {list(self.family.param_names)}: start from the prior, or pass "
-                             "init_params= (e.g. another method's result.params, such as a RecursiveMixtureEncoder's)")
+        if init == "encoder":
+            self._check_pair_encoder(init, fix="start from the prior (init='prior'), or pass init_params= (e.g. "
+                                     "another method's result.params, such as a RecursiveMixtureEncoder's)")
         self.start = init
         self.encoding = make_encoding(encoding)
         self.encoding.check(model, self.space)
@@ -203,8 +202,9 @@ class IterativeInferenceOptimizer(InferenceMethod):
         """Sizes the network's input layer(s) for data of event shape ``data_shape`` (weights drawn now)."""
         data = math.prod(check_int("data_shape entries", int(d), minimum=1) for d in data_shape)
         for variable, part in self.network.parts().items():
-            names = self.family.param_names if variable is not None else self.family.param_sizes(self.space.total_dim)
-            shapes = FeatureShapes.of(data=data, param_names=names, space=self.space, variable=variable)
+            size = self.space.total_dim if variable is None else self.space.sizes[variable]
+            shapes = FeatureShapes.of(data=data, param_names=self.family.param_sizes(size), space=self.space,
+                                      variable=variable)
             part.materialize(self.encoding.num_features(shapes))
 
     def init(self, x: Tensor) -> Params:

@@ -217,6 +217,11 @@ def test_clear_errors_for_unsupported_combinations():
         GradientEStep(model, latent_dim={"a": 1, "b": 1}, family=GaussianMixture(2))
     with pytest.raises(ValueError, match="init='encoder'"):
         IterativeInferenceOptimizer(model, latent_dim=2, family=GaussianMixture(2), init="encoder")
+    model.encode = lambda x: (torch.zeros(len(x), 2), torch.zeros(len(x), 2))  # a (loc, log_var) encoder
+    with pytest.raises(ValueError, match=r"has parameters \['loc', 'log_var', 'logits'\]: use init='highway'"):
+        StandardEncoder(model, latent_dim=2, family=GaussianMixture(2), init="encoder")
+    with pytest.raises(ValueError, match="start from the prior"):
+        IterativeInferenceOptimizer(model, latent_dim=2, family=GaussianMixture(2), init="encoder")
     with pytest.raises(ValueError, match="init_spread=0"):
         GaussianMixture(2, init_spread=0.0)
     with pytest.raises(ValueError, match="num_components"):
