@@ -22,7 +22,8 @@ Choosing C. Beyond the cap the KL term has no gradient, so C decides where compo
 takes to leave the basin of a mode Q_{m−1} already covers, q_m parks beside it at KL = C (and narrows, which
 raises the KL); far above the KL between modes, the reward pushes q_m past the next mode. On a 1-D posterior with
 modes at ±1.6 (variance 0.2; those KLs are ≈ 6 and ≈ 26 nats) RME reached log p(x) within 0.03 nats on 4 of 4
-seeds with C = 20, 2 of 4 with C = 1, 3 of 4 with C = 5, 0 of 2 with C = 50 (``docs/mixtures.md``): tune C.
+seeds with C = 20, 2 of 4 with C = 1, 3 of 4 with C = 5, 0 of 4 with C = 50 (``benchmarks/rme_barrier.py``):
+tune C.
 
 What the recursion cannot do: q_1 is trained on its own ELBO, i.e. it is a standard VAE encoder, so where the
 dominant mode changes with x, q_1 (and q_2, the complement) must switch modes there; a smooth encoder switches over

@@ -27,6 +27,7 @@ REQUIRED = {
     "frozen_refinement": ("gap_nats", "gap_closed_T5", "gap_closed_T20", "beats_best_optimizer_at_equal_time"),
     "mixture_comparison": ("nll_standard", "nll_mixture_encoder", "nll_rme", "nll_rme_refined", "nll_semi_amortized",
                            "nll_iterative", "rme_faster_than_semi_amortized"),
+    "rme_barrier": ("best_barrier",),
 }
 
 
