@@ -8,7 +8,14 @@
    both gradients are checked to agree. After a warm-up, A and B are timed alternately (ABBA order) in one
    process; ``func_vs_autograd_ratio`` is median(A) / median(B), reported with quartiles and the median of
    the per-pair ratios.
-2. Peak training memory at T = 2 versus T = 16 (feed-forward training, no back-propagation through the steps):
+2. Cost of a training step: one optimizer step (forward, ``loss.backward()``, Adam) of joint training with an
+   ``IterativeInferenceOptimizer`` of T = 5 steps versus one step of a standard VAE (``StandardEncoder`` on the
+   model's encoder), paper-sized model (``zoo.bernoulli_vae``), the library's default options, batch 64 and 256,
+   interleaved after a warm-up; ``train_step_ratio_T5_vs_standard`` is the ratio of the medians (by batch size).
+3. Cost of a test-time step: one learned step versus one Adam E-step (``GradientEStep``, same number of samples),
+   timed as (``infer`` with k steps − ``infer`` with 0 steps) / k, interleaved (``common.time_methods``); both
+   refine from the model's encoder; ``test_step_ratio_vs_adam``.
+4. Peak training memory at T = 2 versus T = 16 (feed-forward training, no back-propagation through the steps):
    :func:`memory.measure` (``benchmarks/memory.py``: a fresh process per measurement with glibc's mmap threshold
    pinned, peak-RSS increase of one training step, paper-sized model, batch 128), interleaved and repeated;
    ``peak_mem_ratio_T16_vs_T2`` is the ratio of the medians.
@@ -35,17 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from memory import measure
 
+from learned_inference import GradientEStep, IterativeInferenceOptimizer, StandardEncoder
 from learned_inference.families import DiagonalGaussian
 from learned_inference.model import DecoderModel, LatentSpace
 from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
-from learned_inference.zoo import highway_decoder
+from learned_inference.zoo import bernoulli_vae, highway_decoder
 
 NAME = "overhead"
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {"hidden_size": 64, "latent_dim": 8, "batch_size": 20, "warmup": 3, "repeats": 10,
-              "memory_repeats": 1},
+              "memory_repeats": 1, "train_batch_sizes": (8,), "train_repeats": 3, "test_steps": 2},
     "full": {"hidden_size": 512, "latent_dim": 64, "batch_size": 100, "warmup": 20, "repeats": 300,
-             "memory_repeats": 3},
+             "memory_repeats": 3, "train_batch_sizes": (64, 256), "train_repeats": 30, "test_steps": 20},
 }
 
 
@@ -72,6 +80,47 @@ def gradient_variants(*, hidden_size: int, latent_dim: int, batch_size: int, see
         return dict(zip(leaves, grads, strict=True))
 
     return {"func": with_func, "autograd": with_autograd}
+
+
+def training_steps(*, hidden_size: int, latent_dim: int, batch_size: int, seed: int) -> dict[str, Callable]:
+    """One optimizer step of a standard VAE and of joint training with a T = 5 learned optimizer (defaults)."""
+    steps: dict[str, Callable] = {}
+    x = torch.bernoulli(torch.full((batch_size, 784), 0.13), generator=torch.Generator().manual_seed(seed))
+    for name in ("standard", "iterative_T5"):
+        torch.manual_seed(seed)
+        model = bernoulli_vae(latent_dim=latent_dim, hidden_size=hidden_size)
+        method = (StandardEncoder(model, latent_dim=latent_dim) if name == "standard" else
+                  IterativeInferenceOptimizer(model, latent_dim=latent_dim, num_steps=5, hidden_size=hidden_size,
+                                              data_shape=(784,)))
+        with torch.no_grad():
+            model.encode(x[:2])
+        optimizer = torch.optim.Adam([*model.parameters(), *method.parameters()], lr=1e-4)
+
+        def step(method: Any = method, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.zero_grad()
+            method(x).loss.backward()
+            optimizer.step()
+
+        steps[name] = step
+    return steps
+
+
+def test_step_costs(*, hidden_size: int, latent_dim: int, batch_size: int, seed: int, steps: int,
+                    repeats: int) -> tuple[dict[str, dict], int]:
+    """Per-step seconds of a learned step and an Adam E-step from the model's encoder (``common.time_methods``),
+    and the number of samples per step both use."""
+    torch.manual_seed(seed)
+    x = torch.bernoulli(torch.full((batch_size, 784), 0.13), generator=torch.Generator().manual_seed(seed))
+    model = bernoulli_vae(latent_dim=latent_dim, hidden_size=hidden_size)
+    with torch.no_grad():
+        model.encode(x[:2])  # sizes the lazy encoder
+    model.requires_grad_(False)
+    learned = IterativeInferenceOptimizer(model, latent_dim=latent_dim, init="encoder", hidden_size=hidden_size,
+                                          data_shape=(784,))
+    methods = {"learned": learned,
+               "adam": GradientEStep(model, latent_dim=latent_dim, init="encoder", lr=0.003,
+                                     num_samples=learned.num_samples)}
+    return common.time_methods(methods, x, steps=steps, repeats=repeats), learned.num_samples
 
 
 def time_interleaved(variants: dict[str, Callable], *, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -102,6 +151,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pair_ratios = [fa / fb for fa, fb in zip(times["func"], times["autograd"], strict=True)]
     ratio = statistics.median(times["func"]) / statistics.median(times["autograd"])
 
+    train_ratios, train_seconds = {}, {}
+    for batch in s["train_batch_sizes"]:
+        steps = training_steps(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"], batch_size=batch,
+                               seed=args.seed)
+        train_times = time_interleaved(steps, warmup=3, repeats=s["train_repeats"])
+        train_seconds[str(batch)] = {name: common.median_iqr(t) for name, t in train_times.items()}
+        train_ratios[str(batch)] = statistics.median(train_times["iterative_T5"]) / statistics.median(
+            train_times["standard"])
+    test_costs, test_samples = test_step_costs(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"],
+                                 batch_size=s["batch_size"], seed=args.seed, steps=s["test_steps"],
+                                 repeats=s["train_repeats"])
+    test_ratio = test_costs["learned"]["step_s"] / test_costs["adam"]["step_s"]
+
     memory: dict[int, list[float]] = {2: [], 16: []}
     for _ in range(s["memory_repeats"]):
         for steps in memory:
@@ -114,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "func_vs_autograd_pair_ratio": common.median_iqr(pair_ratios),
         "seconds": {name: common.median_iqr(t) for name, t in times.items()},
         "max_abs_gradient_difference": max_diff,
+        "train_step_ratio_T5_vs_standard": train_ratios,
+        "train_step_seconds": train_seconds,
+        "test_step_ratio_vs_adam": test_ratio,
+        "test_step_seconds": test_costs,
+        "test_step_samples": test_samples,
         "peak_mem_ratio_T16_vs_T2": mem_ratio,
         "peak_mib": {str(k): common.median_iqr(v) for k, v in memory.items()},
         "memory_method": "benchmarks/memory.py measure(): fresh process, MALLOC_MMAP_THRESHOLD_=65536, peak RSS "
@@ -131,7 +198,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"- `func_vs_autograd_ratio` = **{ratio:.3f}** (per-pair median "
         f"{result['func_vs_autograd_pair_ratio']['median']:.3f}, IQR "
         f"{result['func_vs_autograd_pair_ratio']['q25']:.3f}..{result['func_vs_autograd_pair_ratio']['q75']:.3f});"
-        f" target <= 1.15: **{'met' if ratio <= 1.15 else 'not met'}**.",
+        f" target <= 1.10: **{'met' if ratio <= 1.10 else 'not met'}**.",
+        "- `train_step_ratio_T5_vs_standard` (joint training, T = 5, default options, vs a standard VAE step): "
+        + ", ".join(f"batch {b}: **{r:.2f}**" for b, r in train_ratios.items())
+        + f"; target <= 3.0: **{'met' if max(train_ratios.values()) <= 3.0 else 'not met'}**.",
+        f"- `test_step_ratio_vs_adam` (one learned step vs one Adam E-step, {test_samples} sample(s) per step each): "
+        f"**{test_ratio:.2f}** ({test_costs['learned']['step_s'] * 1e3:.1f} vs "
+        f"{test_costs['adam']['step_s'] * 1e3:.1f} ms, batch {s['batch_size']}); target <= 1.3: "
+        f"**{'met' if test_ratio <= 1.3 else 'not met'}**.",
         f"- `peak_mem_ratio_T16_vs_T2` = **{mem_ratio:.3f}** (T=2: {statistics.median(memory[2]):.1f} MiB, "
         f"T=16: {statistics.median(memory[16]):.1f} MiB, median of {s['memory_repeats']}; method of "
         f"`benchmarks/memory.py`); target <= 1.1: **{'met' if mem_ratio <= 1.1 else 'not met'}**.",

@@ -148,10 +148,9 @@ class BlockFamily(Family):
         blocks, grad_blocks = self.blocks(params), self.blocks(grads)
         return self._concat({v: f.natural_gradient(blocks[v], grad_blocks[v]) for v, f in self.families.items()})
 
-    def fisher_norm(self, params: Params, step: Params) -> Tensor:
+    def squared_fisher_norm(self, params: Params, step: Params) -> Tensor:
         blocks, step_blocks = self.blocks(params), self.blocks(step)
-        squares = [f.fisher_norm(blocks[v], step_blocks[v]).square() for v, f in self.families.items()]
-        return torch.sqrt(torch.stack(squares).sum(0))
+        return torch.stack([f.squared_fisher_norm(blocks[v], step_blocks[v]) for v, f in self.families.items()]).sum(0)
 
     def distribution(self, params: Params) -> Distribution:
         return BlockDistribution(self.distributions(params), space=self.space)

@@ -155,6 +155,14 @@ class GaussianMixture(Family):
         return {"loc": torch.exp(params["log_var"]) * grads["loc"] / per_column,
                 "log_var": 2.0 * grads["log_var"] / per_column, "logits": grads["logits"] / pi}
 
+    def squared_fisher_norm(self, params: Params, step: Params) -> Tensor:
+        """Δᵀ F Δ with the metric :meth:`natural_gradient` inverts: each component's Gaussian Fisher weighted by
+        its π_k (the Fisher of the joint over the component index and z), and diag(π) for the logits."""
+        pi = torch.softmax(params["logits"], -1).clamp(min=0.01)
+        per_column = pi.repeat_interleave(params["loc"].shape[-1] // self.num_components, -1)
+        gaussian = step["loc"].square() * torch.exp(-params["log_var"]) + 0.5 * step["log_var"].square()
+        return (per_column * gaussian).sum(-1) + (pi * step["logits"].square()).sum(-1)
+
     def distribution(self, params: Params) -> Distribution:
         loc, log_var, log_pi = component_view(params, self.num_components)
         components = Independent(Normal(loc, torch.exp(0.5 * log_var)), 1)

@@ -4,8 +4,9 @@ ELBO (paper eq. 13), with S reparameterized samples zₛ = sample(λ, εₛ):
 
     L(λ; x) = 1/S Σₛ log p(x, zₛ) + H[q_λ]                     (analytic entropy), or
     L(λ; x) = 1/S Σₛ log p(x | zₛ) − KL(q_λ || p(z))            (analytic KL, when the model gives its prior),
-    L(λ; x) = Σₙ wₙ (log p(x, zₙ) − log q_λ(zₙ))                 (a family whose points zₙ carry weights wₙ,
-                                                                  e.g. a mixture's strata: ``Family.sample_weights``).
+    L(λ; x) = Σₙ wₙ (log p(x, zₙ) − log q_λ(zₙ))                 (weighted points, e.g. a mixture's strata),
+
+the last for a family whose points zₙ carry weights wₙ (``Family.sample_weights``).
 
 The λ-gradient is ``torch.func.grad_and_value`` of the ELBO *summed* over the batch: because the model does not
 couple examples, its rows are exactly the per-example gradients ∇_λ L(λ_b; x_b), with no ``vmap`` and no

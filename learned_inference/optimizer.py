@@ -2,10 +2,12 @@
 
 At every step t the engine (:mod:`learned_inference.engine`) evaluates the ELBO L_t and its gradient ∇_λ L_t at
 the posterior parameters λ_t (``torch.func``); the optimizer encodes them (by default [α·log(|∇λL|+ε), sign(∇λL)],
-the data x and λ_t), a small network reads the encoding, and its update heads give the gated step (paper eqs. 5,
-62), which the family then constrains:
+the data x and λ_t), a small network reads the encoding, and its update heads give the step, which the family
+then constrains. By default the first step is the paper's gated step (eqs. 5, 62) and every later one a learned
+natural-gradient step inside a trust region (:mod:`learned_inference.updates`):
 
-    λ_{t+1} = constrain(g_t ⊙ λ_t + (1 − g_t) ⊙ f_t),     (g_t, f_t) = heads(network(encoding(∇_λ L_t, x, λ_t); φ)).
+    λ_1 = constrain(g_0 ⊙ λ_0 + (1 − g_0) ⊙ f_0),     (g_0, f_0) = heads(network(encoding(∇_λ L_0, x, λ_0); φ)),
+    λ_{t+1} = constrain(λ_t + v_{t+1}),   v_{t+1} = c_t · (β_t ⊙ v_t + η_t ⊙ F(λ_t)⁻¹ ∇_λ L_t)   (t ≥ 1).
 
 Training (paper App. B.3, :class:`~learned_inference.engine.TrainingLoss`): the update network's loss is the mean
 over steps of −L_t; the user's model learns from −L_T; an encoder giving λ_0 learns from −L_0. With a feed-forward
@@ -89,13 +91,13 @@ def _build_update(update: str | Update, network: UpdateNetwork, family: Family, 
     parts = network.parts()
     if isinstance(update, Update):
         if None not in parts:
-            raise ValueError("update must be a name ('gated', 'residual') for a per-variable network: pass a name "
-                             "to build heads for every variable")
+            raise ValueError("update must be a name (e.g. 'gated_then_natural_gradient') for a per-variable network: "
+                             "pass a name to build heads for every variable")
         expected = (parts[None].hidden_size, space.total_dim)
         if (update.hidden_size, update.dim) != expected:
             raise ValueError(f"update must read the network's {expected[0]} outputs and update {expected[1]} latent "
                              f"dimensions, got hidden_size={update.hidden_size}, dim={update.dim}; pass a name "
-                             "('gated', 'residual') to build matching heads")
+                             "(e.g. 'gated_then_natural_gradient') to build matching heads")
         return update
     sizes = {v: space.total_dim if v is None else space.sizes[v] for v in parts}
     heads = {v: make_update(update, family.param_sizes(sizes[v]), hidden_size=net.hidden_size, dim=sizes[v])
@@ -124,13 +126,15 @@ class IterativeInferenceOptimizer(InferenceMethod):
         network: ``"highway"`` (feed-forward, default), ``"lstm"``, ``"gru"``, an
             :class:`~learned_inference.networks.UpdateNetwork`, or one per latent variable (a
             :class:`~learned_inference.networks.PerVariableNetwork`, or a dict of names/networks).
-        update: ``"gated"`` (the paper's eq. 62, default), ``"natural_gradient"`` (a learned step size and momentum
-            on F⁻¹∇_λ L: the step vanishes with the gradient, so more steps do not drift; with ``num_samples=2`` the
-            recommended choice for refining a frozen VAE, see ``benchmarks/results/frozen_refinement.md``),
-            ``"residual"``, or an :class:`~learned_inference.updates.Update`.
+        update: ``"gated_then_natural_gradient"`` (default: the first step is the paper's gated update, eq. 62,
+            which can jump from the prior as an encoder does; every later step is a learned step size and
+            momentum on F⁻¹∇_λ L inside a trust region of 20 nats, which vanishes with the gradient, so more
+            steps do not drift; measured in ``benchmarks/results/frozen_refinement.md``), ``"gated"`` (eq. 62 at
+            every step, the paper's model), ``"natural_gradient"`` (every step), ``"residual"``, or an
+            :class:`~learned_inference.updates.Update` (e.g. a :class:`~learned_inference.updates.StagedUpdate`).
         hidden_size: units per layer of a network built from a name (default 512).
         num_layers: hidden layers of a highway network built from a name (default 2).
-        num_samples: reparameterized samples S per ELBO evaluation.
+        num_samples: reparameterized samples S per ELBO evaluation (default 2, an antithetic pair).
         antithetic: draw them in antithetic pairs (ε, −ε): the λ-gradient's noise term linear in ε cancels, which
             lets the learned steps be large without chasing noise. Default (None): pairs when S is even.
         init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
@@ -164,10 +168,10 @@ class IterativeInferenceOptimizer(InferenceMethod):
         family: str | Family | Mapping[str, str | Family] = "diagonal_gaussian",
         encoding: str | Encoding | Sequence[str | Encoding] = DEFAULT_ENCODING,
         network: str | UpdateNetwork | Mapping[str, str | UpdateNetwork] = "highway",
-        update: str | Update = "gated",
+        update: str | Update = "gated_then_natural_gradient",
         hidden_size: int | None = None,
         num_layers: int | None = None,
-        num_samples: int = 1,
+        num_samples: int = 2,
         antithetic: bool | None = None,
         init: str = "prior",
         analytic_kl: bool = True,

@@ -17,6 +17,9 @@ with an optional trust region on every example's step, c_t = min(1, √(2·KL_ma
 ½‖v‖_F² is KL(q_{λ_t} ‖ q_{λ_{t+1}}) to second order), so a step is never longer than KL_max nats, however steep
 the ELBO (far from the posterior, e.g. from the prior).
 
+Staged update (the library's default, ``"gated_then_natural_gradient"``): the gated update for the first step of
+a run, the natural-gradient update (momentum, trust region of 20 nats) for every later one (:class:`StagedUpdate`).
+
 Updates may carry state from step to step (the momentum v): ``forward(hidden, context, state) -> (λ, state)``.
 
 Example:
@@ -43,6 +46,7 @@ __all__ = [
     "NaturalGradientUpdate",
     "PerVariableUpdate",
     "ResidualUpdate",
+    "StagedUpdate",
     "Update",
     "gated_update",
     "make_update",
@@ -197,25 +201,64 @@ class NaturalGradientUpdate(Update):
         velocity = {name: self.max_step * self.steps[name](hidden).sigmoid() * natural[name] for name in natural}
         if self.momenta is not None and state is not None:
             velocity = {name: self.momenta[name](hidden).sigmoid() * state[name] + v for name, v in velocity.items()}
-        if self.max_kl is not None:
-            length = context.family.fisher_norm(context.params, velocity)
-            scale = torch.clamp(math.sqrt(2 * self.max_kl) / length.clamp_min(1e-30), max=1.0).unsqueeze(-1)
+        if self.max_kl is not None:  # the clamp keeps a zero step (an unhealthy row) out of the gradient
+            squared = context.family.squared_fisher_norm(context.params, velocity).clamp_min(1e-30)
+            scale = torch.sqrt(2 * self.max_kl / squared).clamp(max=1.0).unsqueeze(-1)
             velocity = {name: scale * v for name, v in velocity.items()}
         params = {name: value + velocity[name] for name, value in context.params.items()}
         return params, velocity if self.momenta is not None else None
+
+
+class StagedUpdate(Update):
+    """The first step of a run from ``first``, every later step from ``then``:
+
+        λ_1 = first(h_0, λ_0),     λ_{t+1} = then(h_t, λ_t)  for t ≥ 1  (``then`` starts with no state).
+
+    The default pairing (``"gated_then_natural_gradient"``) lets the first step jump, as an amortized encoder does
+    (the gated update of eq. 62 can land anywhere, however far λ_0 is), and makes every later step a
+    natural-gradient step, which vanishes with the gradient, so running longer does not drift.
+
+    Args:
+        first: the update of the first step.
+        then: the update of every later step; it must read the same hidden size and update the same λ.
+    """
+
+    def __init__(self, *, first: Update, then: Update) -> None:
+        super().__init__()
+        if (first.hidden_size, first.dim) != (then.hidden_size, then.dim):
+            raise ValueError(f"first and then must read the same hidden size and update the same latent size, got "
+                             f"(hidden_size, dim) = {(first.hidden_size, first.dim)} and "
+                             f"{(then.hidden_size, then.dim)}")
+        self.first, self.then = first, then
+        self.hidden_size, self.dim = first.hidden_size, first.dim
+
+    def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
+        if context.t == 0:
+            return self.first(hidden, context, None)[0], None
+        return self.then(hidden, context, state)
 
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+#: the trust region (nats per step) of the named natural-gradient updates
+DEFAULT_MAX_KL = 20.0
+UPDATE_NAMES = ("gated", "gated_then_natural_gradient", "natural_gradient", "residual")
+
+
 def make_update(update: str, param_names: ParamNames, *, hidden_size: int, dim: int) -> Update:
-    """An :class:`Update` module from its name: ``"gated"``, ``"residual"`` or ``"natural_gradient"`` (with
-    momentum)."""
+    """An :class:`Update` module from its name: ``"gated"``, ``"residual"``, ``"natural_gradient"`` (with momentum
+    and a trust region of :data:`DEFAULT_MAX_KL` nats), or ``"gated_then_natural_gradient"`` (a
+    :class:`StagedUpdate` of the two)."""
     if update == "gated":
         return GatedUpdate(param_names, hidden_size=hidden_size, dim=dim)
     if update == "residual":
         return ResidualUpdate(param_names, hidden_size=hidden_size, dim=dim)
     if update == "natural_gradient":
-        return NaturalGradientUpdate(param_names, hidden_size=hidden_size, dim=dim, momentum=True)
-    raise ValueError(f"update must be one of ['gated', 'natural_gradient', 'residual'], got {update!r}")
+        return NaturalGradientUpdate(param_names, hidden_size=hidden_size, dim=dim, momentum=True,
+                                     max_kl=DEFAULT_MAX_KL)
+    if update == "gated_then_natural_gradient":
+        return StagedUpdate(first=make_update("gated", param_names, hidden_size=hidden_size, dim=dim),
+                            then=make_update("natural_gradient", param_names, hidden_size=hidden_size, dim=dim))
+    raise ValueError(f"update must be one of {list(UPDATE_NAMES)}, got {update!r}")

@@ -19,7 +19,7 @@ def _pair():
     model = DecoderModel(decoder, likelihood="bernoulli", latent_dim=D)
     inference = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=16)
     x = torch.bernoulli(torch.full((B, X), 0.4))
-    noise = torch.randn(T + 1, 1, B, D)
+    noise = torch.randn(T + 1, 2, B, D)
     inference.infer(x, num_steps=0)
     twin = copy.deepcopy(ModelWithInference(inference))  # one deepcopy: the copy uses the copied model
     return (model, inference), (twin.model, twin.inference), x, noise

@@ -29,7 +29,7 @@ def _build(network: str) -> tuple[ModelWithInference, torch.Tensor, torch.Tensor
     inference = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=16, network=network)
     generator = torch.Generator().manual_seed(2)
     x = torch.bernoulli(torch.full((B, X), 0.4, dtype=torch.float64), generator=generator)
-    noise = torch.randn(T + 1, 1, B, D, dtype=torch.float64, generator=generator)
+    noise = torch.randn(T + 1, 2, B, D, dtype=torch.float64, generator=generator)
     return ModelWithInference(inference.double(), example_input=x), x, noise
 
 

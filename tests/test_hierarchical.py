@@ -122,7 +122,7 @@ def test_per_variable_inference_keeps_examples_independent(batch, row, seed):
 def test_each_variable_is_updated_by_its_own_network():
     model = _model()
     inference = _optimizer(model, num_steps=1)
-    x, noise = model.sample(B), torch.randn(2, 1, B, sum(DIMS), dtype=torch.float64)
+    x, noise = model.sample(B), torch.randn(2, 2, B, sum(DIMS), dtype=torch.float64)
     before = inference.infer(x, noise=noise).params
     assert any(key.startswith("network.z2.") for key in inference.state_dict())
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_each_variable_is_updated_by_its_own_network():
 def test_per_variable_families_apply_their_own_constraints():
     model = _model()
     families = {"z1": DiagonalGaussian(), "z2": DiagonalGaussian(log_var_bounds=(-1.0, 0.5))}
-    inference = _optimizer(model, family=families, num_steps=1)
+    inference = _optimizer(model, family=families, num_steps=1, update="gated")
     assert isinstance(inference.family, BlockFamily)
     with torch.no_grad():  # every update sets log σ² to 3 (gate g ≈ 0, target bias 3)
         for heads in inference.update.parts().values():

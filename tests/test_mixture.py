@@ -166,6 +166,9 @@ def test_natural_gradient_divides_each_component_by_its_weight():
     torch.testing.assert_close(natural["loc"], torch.tensor([[8.0, 8.0, 8 / 3, 8 / 3]]))
     torch.testing.assert_close(natural["log_var"], torch.tensor([[8.0, 8.0, 8 / 3, 8 / 3]]))
     torch.testing.assert_close(natural["logits"], torch.tensor([[4.0, 4 / 3]]))
+    # the trust region's norm uses the metric the natural gradient inverts: ΔᵀFΔ = ∇ᵀF⁻¹∇ for Δ = F⁻¹∇
+    inner = sum((natural[name] * grads[name]).sum(-1) for name in params)
+    torch.testing.assert_close(family.squared_fisher_norm(params, natural), inner)
 
 
 def _mixture_methods(model: DecoderModel) -> dict[str, torch.nn.Module]:

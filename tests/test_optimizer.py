@@ -40,9 +40,11 @@ def _reference_losses(inference, x, noise):
     prior = prior_moments(model, space)
     params = family.initial_params(B, D, dtype=x.dtype, device=None)
     bptt = inference.backprop_through_steps
-    state, phi_loss = None, 0.0
+    state, update_state, phi_loss = None, None, 0.0
     for t in range(T):
         lam = params if bptt else {k: v.detach() for k, v in params.items()}
+        if not bptt and update_state is not None:  # the momentum is carried as a constant, like λ
+            update_state = {k: v.detach() for k, v in update_state.items()}
         with torch.no_grad():
             values, grads = elbo_and_grad(model, family, {k: v.detach() for k, v in lam.items()}, x, noise[t],
                                           space=space, prior=prior)
@@ -50,7 +52,8 @@ def _reference_losses(inference, x, noise):
                               noise=noise[t], objective=Objective(model, family, space, prior))
         features = inference.encoding(context)
         hidden, state = inference.network(features, state)
-        params = family.constrain(inference.update(hidden, context)[0])
+        proposal, update_state = inference.update(hidden, context, update_state)
+        params = family.constrain(proposal)
         model.requires_grad_(False)
         phi_loss = phi_loss - elbo(model, family, params, x, noise[t + 1], space=space, prior=prior).mean() / T
         model.requires_grad_(True)
@@ -59,9 +62,10 @@ def _reference_losses(inference, x, noise):
     return phi_loss, model_loss
 
 
-@pytest.mark.parametrize("network", ["highway", "gru", "lstm"])
-def test_loss_backward_gives_the_paper_training_gradients(network):
-    model, inference, x, noise = _setup(network=network)
+@pytest.mark.parametrize(("network", "update"), [("highway", "gated"), ("gru", "gated"), ("lstm", "gated"),
+                                                 ("highway", "natural_gradient"), ("gru", "natural_gradient")])
+def test_loss_backward_gives_the_paper_training_gradients(network, update):
+    model, inference, x, noise = _setup(network=network, update=update)
     result = inference(x, noise=noise)
     result.loss.backward()
     ours = {n: p.grad.clone() for n, p in [*inference.named_parameters(), *model.named_parameters()]}
@@ -138,7 +142,7 @@ def test_encoder_initialisation_starts_at_encode_and_trains_the_encoder():
     model = VAEModel(vae, likelihood="bernoulli", latent_dim=D)
     inference = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=2, hidden_size=16, init="encoder").double()
     x = torch.bernoulli(torch.full((B, X), 0.4, dtype=torch.float64))
-    noise = torch.randn(3, 1, B, D, dtype=torch.float64)
+    noise = torch.randn(3, inference.num_samples, B, D, dtype=torch.float64)
     result = inference(x, noise=noise)
     loc, log_var = vae.encode(x)
     expected = elbo(model, inference.family, {"loc": loc, "log_var": log_var}, x, noise[0], space=LatentSpace(D),
@@ -255,7 +259,7 @@ def test_model_without_log_joint_is_rejected_at_construction():
 @pytest.mark.parametrize(("model", "hint"), [(_Unsummed(), "unreduced"), (_BatchMean(), "reduced over the batch")])
 def test_wrong_log_joint_shape_names_the_expected_shape(model, hint):
     inference = IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=8)
-    with pytest.raises(ValueError, match=r"must return shape \[4\]") as info:
+    with pytest.raises(ValueError, match=r"must return shape \[2, 4\]") as info:  # S = 2 samples by default
         inference.infer(torch.zeros(4, 5))
     assert hint in str(info.value)
 

@@ -42,8 +42,8 @@ def _x(batch=6, dtype=torch.float64, seed=0):
         (lambda inf: inf.infer(_x()[0]), ValueError, r"shape \[B, \*event\]"),
         (lambda inf: inf.infer(_x()[:0]), ValueError, "B >= 1"),
         (lambda inf: inf.infer(_x(), num_steps=-1), ValueError, "num_steps"),
-        (lambda inf: inf.infer(_x(), noise=torch.zeros(2, 1, 6, D)), ValueError,
-         r"noise must have shape \[4, 1, 6, 3\]"),
+        (lambda inf: inf.infer(_x(), noise=torch.zeros(2, 2, 6, D)), ValueError,
+         r"noise must have shape \[4, 2, 6, 3\]"),
         (lambda inf: inf.infer(_x(), init_params={"loc": torch.zeros(6, D)}), ValueError, "init_params"),
         (lambda inf: inf.infer([[0.0] * X]), TypeError, "x must be a torch.Tensor"),
         (lambda inf: inf.infer(_x().long()), TypeError, "floating-point"),
@@ -124,7 +124,7 @@ def _overflowing(**options):
 
 def test_non_finite_examples_do_not_poison_the_batch_and_are_reported():
     model, inference, x = _overflowing()
-    noise = torch.randn(4, 1, 6, D, dtype=torch.float64)
+    noise = torch.randn(4, 2, 6, D, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match=r"2 of 6 examples .* \(examples 0, 3\)"):
         result = inference(x, noise=noise)
     healthy = [1, 2, 4, 5]
@@ -175,7 +175,7 @@ def test_log_variance_stays_in_its_safe_range_for_extreme_networks():
 def test_float32_and_float64_agree():
     _, inference64 = _inference(torch.float64)
     x64 = _x()
-    noise = torch.randn(6, 1, 6, D, dtype=torch.float64)
+    noise = torch.randn(6, 2, 6, D, dtype=torch.float64)
     result64 = inference64.infer(x64, num_steps=5, noise=noise)
     model32 = DecoderModel(mlp_decoder(D, X, dtype=torch.float32), likelihood="bernoulli", latent_dim=D)
     model32.load_state_dict(inference64.model.state_dict())
@@ -189,7 +189,7 @@ def test_float32_and_float64_agree():
 def test_autocast_keeps_the_gradient_path_in_full_precision():
     _, inference = _inference(torch.float32)
     x = _x(dtype=torch.float32)
-    noise = torch.randn(4, 1, 6, D)
+    noise = torch.randn(4, 2, 6, D)
     reference = inference.infer(x, noise=noise)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = inference(x, noise=noise)
@@ -240,7 +240,7 @@ def test_public_api_ends_in_a_finite_result(batch, data_dim, latent_dim, steps, 
 
 def test_whole_module_round_trips_through_torch_save(tmp_path):
     _, inference = _inference()
-    x, noise = _x(), torch.randn(4, 1, 6, D, dtype=torch.float64)
+    x, noise = _x(), torch.randn(4, 2, 6, D, dtype=torch.float64)
     before = inference.infer(x, noise=noise)
     torch.save(inference, tmp_path / "inference.pt")
     restored = torch.load(tmp_path / "inference.pt", weights_only=False)

@@ -26,7 +26,8 @@ def _build(seed: int = 0) -> tuple[DecoderModel, IterativeInferenceOptimizer]:
     torch.manual_seed(seed)
     decoder = nn.Sequential(nn.Linear(2, 16), nn.ELU(), nn.Linear(16, 12))
     model = DecoderModel(decoder, likelihood="bernoulli", latent_dim=2)
-    return model, IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=16, num_steps=2)
+    # three steps: the default update jumps at t = 0 and uses its momentum heads from t = 2 on
+    return model, IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=16, num_steps=3)
 
 
 def _state(*modules: nn.Module) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from learned_inference.block_family import BlockFamily
 from learned_inference.families import DiagonalGaussian
 from learned_inference.model import LatentSpace
 from learned_inference.objectives import Objective, sample_noise
-from learned_inference.updates import NaturalGradientUpdate
+from learned_inference.updates import NaturalGradientUpdate, StagedUpdate
 from learned_inference.zoo import ProbabilisticPCA
 
 
@@ -88,9 +88,9 @@ def test_fisher_norm_is_twice_the_kl_to_second_order():
     step = {name: 1e-3 * torch.randn(4, 3, generator=gen).double() for name in params}
     moved = {name: params[name] + step[name] for name in params}
     kl = torch.distributions.kl_divergence(family.distribution(params), family.distribution(moved))
-    torch.testing.assert_close(0.5 * family.fisher_norm(params, step).square(), kl, rtol=1e-2, atol=0)
+    torch.testing.assert_close(0.5 * family.squared_fisher_norm(params, step), kl, rtol=1e-2, atol=0)
     blocks = BlockFamily({"a": "diagonal_gaussian", "b": "diagonal_gaussian"}, space=LatentSpace({"a": 1, "b": 2}))
-    torch.testing.assert_close(blocks.fisher_norm(params, step), family.fisher_norm(params, step))
+    torch.testing.assert_close(blocks.squared_fisher_norm(params, step), family.squared_fisher_norm(params, step))
 
 
 def test_the_trust_region_bounds_every_step_and_leaves_short_steps_alone():
@@ -109,8 +109,26 @@ def test_the_trust_region_bounds_every_step_and_leaves_short_steps_alone():
 
     start, bounded = first_step(0.1)
     step = {name: bounded[name] - start[name] for name in start}
-    kl = 0.5 * DiagonalGaussian().fisher_norm(start, step).square()
+    kl = 0.5 * DiagonalGaussian().squared_fisher_norm(start, step)
     torch.testing.assert_close(kl, torch.full((5,), 0.1, dtype=torch.float64))
     torch.testing.assert_close(first_step(1e9)[1], first_step(None)[1])
     with pytest.raises(ValueError, match="max_kl must be > 0 nats"):
         NaturalGradientUpdate(("loc",), hidden_size=4, dim=2, max_kl=0.0)
+
+
+def test_a_staged_update_takes_its_first_step_from_first_and_the_rest_from_then():
+    """λ_1 is the gated jump; λ_2.. are natural-gradient steps whose momentum starts at zero after the jump."""
+    gen = torch.Generator().manual_seed(0)
+    model = ProbabilisticPCA.random(data_dim=6, latent_dim=2, dtype=torch.float64, generator=gen)
+    x = model.sample(4, generator=gen)
+    torch.manual_seed(0)
+    staged = IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=8).double()
+    assert isinstance(staged.update, StagedUpdate)
+    noise = torch.randn(4, 2, 4, 2, dtype=torch.float64)
+    run = staged.infer(x, num_steps=3, noise=noise, record_params=True).trajectory
+    for update, start, steps in ((staged.update.first, 0, 1), (staged.update.then, 1, 2)):
+        alone = IterativeInferenceOptimizer(model, latent_dim=2, update=update, network=staged.network).double()
+        replay = alone.infer(x, num_steps=steps, init_params=run[start], noise=noise[start:start + steps + 1])
+        torch.testing.assert_close(replay.params, run[start + steps], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first and then must read the same hidden size"):
+        StagedUpdate(first=staged.update.first, then=NaturalGradientUpdate(("loc",), hidden_size=4, dim=2))
