@@ -2,8 +2,10 @@
 
 Method (CPU): every measurement runs in a fresh Python process with glibc's mmap threshold pinned
 (``MALLOC_MMAP_THRESHOLD_=65536``), so every tensor buffer above 64 KiB is its own mapping and is returned to the
-system when freed; the process's peak resident set size (``ru_maxrss``) then tracks the peak of live tensor memory.
-The child builds the model, update network and batch, records ``ru_maxrss``, runs one training step
+system when freed; the process's peak resident set size (``VmHWM`` in ``/proc/self/status``; not ``ru_maxrss``,
+which a child inherits from its parent's peak across exec, so a large parent hid the child's increase) then tracks
+the peak of live tensor memory. The child builds the model, update network and batch, records its peak, runs one
+training step
 (``inference(x).loss.backward()``) and reports the increase. Configurations are interleaved and repeated; the
 median and the spread (min..max) are reported. Back-propagation through the steps (``backprop_through_steps=True``)
 is measured as a control: it must grow with ``num_steps``, which shows the method can see growth.
@@ -32,7 +34,7 @@ MODES = ("feed_forward", "backprop_through_steps")
 REPEATS = 3
 
 CHILD = r"""
-import resource, sys, torch
+import sys, torch
 from torch import nn
 from learned_inference import DecoderModel, IterativeInferenceOptimizer
 steps, mode = int(sys.argv[1]), sys.argv[2]
@@ -43,9 +45,12 @@ model = DecoderModel(decoder, likelihood="bernoulli", latent_dim=64)
 inference = IterativeInferenceOptimizer(model, latent_dim=64, num_steps=steps, hidden_size=512,
                                         backprop_through_steps=(mode == "backprop_through_steps"))
 x = torch.bernoulli(torch.full((128, 784), 0.13))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kib():  # this process's own peak RSS (VmHWM); ru_maxrss would start at the parent's peak after exec
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+before = peak_kib()
 inference(x).loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((peak_kib() - before) / 1024)
 """
 
 

@@ -149,7 +149,8 @@ class Data(Encoding):
     """The data x, flattened to ``[B, prod(event)]``.
 
     For count data (bag-of-words) use ``Data(log1p=True)``: raw counts reach the hundreds and train badly (on 20
-    Newsgroups, perplexity 15.6 with raw counts vs 14.8 with log(1 + x), ``benchmarks/results/text_perplexity.md``).
+    Newsgroups, with the paper's gated update, perplexity including the multinomial coefficient 15.6 with raw counts
+    vs 14.8 with log(1 + x); ``benchmarks/text_perplexity.py`` uses log(1 + x)).
 
     Args:
         log1p: encode log(1 + x) instead of x (for count data).
