@@ -149,17 +149,21 @@ class GaussianMixture(Family):
         log_pi = torch.log_softmax(params["logits"], -1).clamp(min=math.log(self.min_weight))
         return {"loc": params["loc"], "log_var": params["log_var"].clamp(*self.log_var_bounds), "logits": log_pi}
 
-    def natural_gradient(self, params: Params, grads: Params) -> Params:
+    def _fisher_weights(self, params: Params) -> tuple[Tensor, Tensor]:
+        """π (floored at 0.01) ``[B, K]`` and each component's π repeated over its D columns ``[B, K·D]``: the
+        weights of the joint Fisher metric that :meth:`natural_gradient` and :meth:`squared_fisher_norm` share."""
         pi = torch.softmax(params["logits"], -1).clamp(min=0.01)
-        per_column = pi.repeat_interleave(params["loc"].shape[-1] // self.num_components, -1)
+        return pi, pi.repeat_interleave(params["loc"].shape[-1] // self.num_components, -1)
+
+    def natural_gradient(self, params: Params, grads: Params) -> Params:
+        pi, per_column = self._fisher_weights(params)
         return {"loc": torch.exp(params["log_var"]) * grads["loc"] / per_column,
                 "log_var": 2.0 * grads["log_var"] / per_column, "logits": grads["logits"] / pi}
 
     def squared_fisher_norm(self, params: Params, step: Params) -> Tensor:
         """Δᵀ F Δ with the metric :meth:`natural_gradient` inverts: each component's Gaussian Fisher weighted by
         its π_k (the Fisher of the joint over the component index and z), and diag(π) for the logits."""
-        pi = torch.softmax(params["logits"], -1).clamp(min=0.01)
-        per_column = pi.repeat_interleave(params["loc"].shape[-1] // self.num_components, -1)
+        pi, per_column = self._fisher_weights(params)
         gaussian = step["loc"].square() * torch.exp(-params["log_var"]) + 0.5 * step["log_var"].square()
         return (per_column * gaussian).sum(-1) + (pi * step["logits"].square()).sum(-1)
 

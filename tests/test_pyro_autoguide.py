@@ -31,17 +31,7 @@ from learned_inference.integrations.pyro import (  # noqa: E402
     find_amortized_plates,
     local_layout,
 )
-
-SMALL = {"num_steps": 2, "hidden_size": 16}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
+from tests.pyro_fixtures import SMALL, fresh_param_store  # noqa: E402, F401  (the fixture applies here)
 
 # -- models --------------------------------------------------------------------------------------------------
 
