@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import reduce
 from typing import Any
@@ -37,7 +39,7 @@ from learned_inference.families import Family, Params
 from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.objectives import Objective, prior_moments
 
-__all__ = ["StepContext", "full_precision"]
+__all__ = ["RunConstants", "StepContext", "full_precision"]
 
 
 def full_precision(x: Tensor) -> Any:
@@ -48,6 +50,72 @@ def full_precision(x: Tensor) -> Any:
 def _mask_rows(healthy: Tensor, value: Tensor) -> Tensor:
     """``value`` with the rows of unhealthy examples set to zero."""
     return torch.where(healthy.view(-1, *[1] * (value.dim() - 1)), value, 0.0)
+
+
+class RunConstants:
+    """What the steps of one refinement run compute once and share: values that depend on the data, not on λ.
+
+    The learned step's update network, for example, reads the data at every step through the same weights: its
+    share P = W_x x + b of the input layer is computed at the first step and reused (:meth:`get`). At test time and
+    with backpropagation through the steps the shared value is used as it is. In feed-forward training the engine
+    takes a vector-Jacobian product into the update network at every step (λ detached between steps, memory flat
+    in T); there (``capture``) the steps see P through a gate that, during those products, stops the gradient at P
+    and adds it up instead; the engine back-propagates the sum through P's graph once, at the end of the run:
+
+        Σ_t (∂ℓ_t/∂P) (∂P/∂φ) = (Σ_t ∂ℓ_t/∂P) (∂P/∂φ),
+
+    the same gradient for one product with the data instead of one per step. Outside those products (a loss the
+    caller builds on the returned λ_T) the gate passes gradients through.
+
+    Args:
+        capture: gate shared values that have a graph (see above).
+    """
+
+    def __init__(self, *, capture: bool = False) -> None:
+        self.capture = capture
+        self.capturing = False
+        self._values: dict[str, Tensor] = {}
+        #: the gated values (with their graphs) and the gradient captured for each so far (None: none yet)
+        self.gated: list[Tensor] = []
+        self.captured: list[Tensor | None] = []
+
+    def get(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """The value stored under ``key``, computed by ``compute()`` on the first call of the run."""
+        if key not in self._values:
+            value = compute()
+            if self.capture and value.requires_grad:
+                self.gated.append(value)
+                self.captured.append(None)
+                value = _Gate.apply(value, self, len(self.gated) - 1)
+            self._values[key] = value
+        return self._values[key]
+
+    @contextmanager
+    def capturing_gradients(self) -> Iterator[None]:
+        """Within: gradients that reach a gated value are added to ``captured`` and go no further."""
+        self.capturing = True
+        try:
+            yield
+        finally:
+            self.capturing = False
+
+
+class _Gate(torch.autograd.Function):
+    """Identity; its backward captures the gradient (:meth:`RunConstants.capturing_gradients`) or passes it on."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, constants: RunConstants, index: int) -> Tensor:
+        ctx.constants, ctx.index = constants, index
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        constants: RunConstants = ctx.constants
+        if not constants.capturing:
+            return grad, None, None
+        total = constants.captured[ctx.index]
+        constants.captured[ctx.index] = grad if total is None else total + grad
+        return None, None, None
 
 
 @dataclass(frozen=True)
@@ -64,6 +132,7 @@ class StepContext:
         noise: the reparameterization noise ε_t ``[S, B, D]`` the ELBO was estimated with.
         objective: the model, family and latent layout.
         variable: the latent variable this view is restricted to, or None for all of λ.
+        constants: what the steps of this run compute once and share (:class:`RunConstants`).
     """
 
     x: Tensor
@@ -75,6 +144,7 @@ class StepContext:
     noise: Tensor
     objective: Objective
     variable: str | None = None
+    constants: RunConstants = field(default_factory=RunConstants, repr=False, compare=False)
     _full: StepContext | None = field(default=None, repr=False, compare=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

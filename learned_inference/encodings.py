@@ -89,7 +89,13 @@ def standardize(g: Tensor, *, eps: float) -> Tensor:
 
 
 class Encoding:
-    """Base class: ``__call__(context) -> [B, F]`` with F = ``num_features(shapes)``."""
+    """Base class: ``__call__(context) -> [B, F]`` with F = ``num_features(shapes)``.
+
+    ``step_constant`` marks an encoding whose features depend on the data alone, the same at every step of a run
+    (the learned step projects them once per run).
+    """
+
+    step_constant: bool = False
 
     def __call__(self, context: StepContext) -> Tensor:
         raise NotImplementedError
@@ -155,6 +161,8 @@ class Data(Encoding):
     Args:
         log1p: encode log(1 + x) instead of x (for count data).
     """
+
+    step_constant = True
 
     def __init__(self, *, log1p: bool = False) -> None:
         self.log1p = log1p

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from learned_inference.context import StepContext, full_precision
+from learned_inference.context import RunConstants, StepContext, full_precision
 from learned_inference.families import Params, detach
 from learned_inference.objectives import Objective, sample_noise
 
@@ -137,13 +137,17 @@ class TrainingLoss:
 
     Feed-forward steps (λ detached between steps) take the φ-term as a vector-Jacobian product at every step,
     against the −w_t ∇_λ L_t the next step needed anyway, and free that step's graph: training memory does not
-    grow with T. Backpropagation through the steps keeps Σ_t w_t ⟨−sg[∇_λ L_t], λ_t⟩ in the graph and takes one
+    grow with T. What the steps share (:class:`~learned_inference.context.RunConstants`, e.g. the update network's
+    projection of the data) stops those products; its gradients are summed over the steps and taken through its
+    graph once. Backpropagation through the steps keeps Σ_t w_t ⟨−sg[∇_λ L_t], λ_t⟩ in the graph and takes one
     product at the end, into φ and λ_0 only (the model learns from L_T alone). Everything reaches the user through
     one ``loss.backward()``: the precomputed φ-gradients are injected by an autograd function of value zero.
     """
 
-    def __init__(self, training: Training, *, batch: int, num_steps: int, initial: Params, start: Params) -> None:
+    def __init__(self, training: Training, *, batch: int, num_steps: int, initial: Params, start: Params,
+                 constants: RunConstants | None = None) -> None:
         self.training, self.batch = training, batch
+        self.constants = RunConstants() if constants is None else constants
         self.weights = list(training.step_weights(num_steps, batch))
         if len(self.weights) != num_steps + 1:
             raise ValueError(f"step_weights must give num_steps + 1 = {num_steps + 1} weights, got {len(self.weights)}")
@@ -171,13 +175,19 @@ class TrainingLoss:
         if not self.phi:
             return
         names = list(grads)
-        step_grads = torch.autograd.grad([params[n] for n in names], self.phi,
-                                         grad_outputs=[-weight * grads[n] for n in names], allow_unused=True)
+        # The shared values' graphs serve every step: kept (retain_graph) and taken once, in finish().
+        with self.constants.capturing_gradients():
+            step_grads = torch.autograd.grad([params[n] for n in names], self.phi,
+                                             grad_outputs=[-weight * grads[n] for n in names], allow_unused=True,
+                                             retain_graph=bool(self.constants.gated))
         self._add_phi_grads(step_grads)
 
     def _add_phi_grads(self, grads: Sequence[Tensor | None]) -> None:
-        full = [torch.zeros_like(p) if g is None else g for p, g in zip(self.phi, grads, strict=True)]
-        self.phi_grads = full if self.phi_grads is None else [a + g for a, g in zip(self.phi_grads, full, strict=True)]
+        if self.phi_grads is None:
+            self.phi_grads = [torch.zeros_like(p) for p in self.phi]
+        for total, g in zip(self.phi_grads, grads, strict=True):
+            if g is not None:  # None: a head this step did not use
+                total.add_(g)
 
     def observe_final(self, values: Tensor, healthy: Tensor, refit: Callable[[Tensor], Tensor]) -> None:
         """The model's term: −L_T over the healthy rows (``refit(rows)`` re-evaluates them alone)."""
@@ -193,6 +203,9 @@ class TrainingLoss:
         value = (weights * per_step).sum()
         self._backprop_through_steps()
         graph = list(self.graph_terms)
+        constants = self.constants
+        graph += [(total * value).sum() for value, total in zip(constants.gated, constants.captured, strict=True)
+                  if total is not None]
         if self.phi_grads is not None:
             graph.append(_GradientInjection.apply(self.phi_grads, *self.phi))
         if not graph:
@@ -360,7 +373,9 @@ def refine(
     second_order = train and training.second_order
     trains_initial = train and any(p.requires_grad for p in initial.values())
     params = {n: p.detach().requires_grad_(through_steps and trains_initial) for n, p in initial.items()}
-    loss = TrainingLoss(training, batch=batch, num_steps=num_steps, initial=initial, start=params)
+    constants = RunConstants(capture=train and not through_steps)
+    loss = TrainingLoss(training, batch=batch, num_steps=num_steps, initial=initial, start=params,
+                        constants=constants)
     elbos: list[Tensor] = []
     norms: list[Tensor] = []
     health: list[Tensor] = []
@@ -408,8 +423,9 @@ def refine(
             break
         # ... and as the step sees it (with its graph when backpropagating through the steps)
         base = params if through_steps else lam
+        params = base  # feed-forward: λ_t's graph has served its product; freed before the step builds the next
         context = StepContext(x=x, params=base, grads=grads if second_order else detach(grads), elbo=values,
-                              healthy=healthy, t=t, noise=noise_t, objective=objective)
+                              healthy=healthy, t=t, noise=noise_t, objective=objective, constants=constants)
         with torch.set_grad_enabled(train):
             proposal, state = step(context, state)
             if not through_steps:  # constant memory: no graph is carried from step to step

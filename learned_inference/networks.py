@@ -67,7 +67,11 @@ def _allow_unsized(module: nn.Module, incompatible_keys: Any) -> None:
 class UpdateNetwork(nn.Module):
     """Base class: ``forward(features, state) -> (hidden, state)``; ``recurrent`` says whether state is used.
 
-    Subclasses build their first layer with ``self.input = _input_layer(hidden_size, input_size)``.
+    Subclasses build their first layer with ``self.input = _input_layer(hidden_size, input_size)`` and implement
+    :meth:`after_input`, the network after it (``forward`` is ``after_input(input(features), state)``). A learned
+    step then computes the input layer's share of the features that stay the same over a run (the data) once per
+    run instead of at every step (:class:`~learned_inference.context.RunConstants`). A subclass may override
+    ``forward`` instead; it then sees all features at every step.
     """
 
     recurrent: bool = False
@@ -79,7 +83,20 @@ class UpdateNetwork(nn.Module):
         self.register_state_dict_post_hook(_drop_unsized)
         self.register_load_state_dict_post_hook(_allow_unsized)
 
-    def forward(self, features: Tensor, state: State = None) -> tuple[Tensor, State]:
+    def forward(self, features: Tensor, state: State = None, *, projected: Tensor | None = None
+                ) -> tuple[Tensor, State]:
+        """``(hidden, state)`` from the encoded ``features`` ``[B, F]``.
+
+        Args:
+            features: the encoded features.
+            state: the state carried from the previous step (None at the first, and for feed-forward networks).
+            projected: the input layer's output W f + b when the caller has computed it; ``features`` are then
+                the part it computed at this step (a learned step adds the data's share, computed once per run).
+        """
+        return self.after_input(self.input(features) if projected is None else projected, state)
+
+    def after_input(self, projected: Tensor, state: State = None) -> tuple[Tensor, State]:
+        """The network after its input layer: ``(hidden, state)`` from the input layer's output W f + b."""
         raise NotImplementedError
 
     @property
@@ -135,8 +152,8 @@ class HighwayMLP(UpdateNetwork):
         self.input = _input_layer(hidden_size, input_size)
         self.layers = nn.Sequential(*(HighwayLayer(hidden_size) for _ in range(num_layers - 1)))
 
-    def forward(self, features: Tensor, state: State = None) -> tuple[Tensor, State]:
-        return self.layers(nn.functional.elu(self.input(features))), None
+    def after_input(self, projected: Tensor, state: State = None) -> tuple[Tensor, State]:
+        return self.layers(nn.functional.elu(projected)), None
 
 
 class RecurrentNetwork(UpdateNetwork):
@@ -159,8 +176,8 @@ class RecurrentNetwork(UpdateNetwork):
         self.input = _input_layer(hidden_size, input_size)
         self.cell = cells[cell](hidden_size, hidden_size)
 
-    def forward(self, features: Tensor, state: State = None) -> tuple[Tensor, State]:
-        inputs = nn.functional.elu(self.input(features))
+    def after_input(self, projected: Tensor, state: State = None) -> tuple[Tensor, State]:
+        inputs = nn.functional.elu(projected)
         if isinstance(self.cell, nn.LSTMCell):
             h, c = self.cell(inputs, state)
             return h, (h, c)
@@ -206,7 +223,8 @@ class PerVariableNetwork(UpdateNetwork):
     def materialize(self, input_size: int) -> None:
         raise TypeError("size the members of a PerVariableNetwork one by one (each sees its own view)")
 
-    def forward(self, features: Tensor, state: State = None) -> tuple[Tensor, State]:
+    def forward(self, features: Tensor, state: State = None, *, projected: Tensor | None = None
+                ) -> tuple[Tensor, State]:
         raise TypeError("a PerVariableNetwork is not called on features: call each of its parts() on its own view")
 
 

@@ -16,15 +16,16 @@ network λ is detached between steps, so training memory does not grow with ``nu
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from learned_inference.context import StepContext, full_precision
-from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
+from learned_inference.encodings import DEFAULT_ENCODING, Concat, Encoding, FeatureShapes, make_encoding
 from learned_inference.engine import Training, mean_over_steps
 from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
@@ -53,15 +54,54 @@ def learned_step(
     updates = update.parts()
     for variable, part in network.parts().items():
         view = context if variable is None else context.restrict(variable)
-        with full_precision(context.x):
-            features = encoding(view)
         network_state, update_state = (None, None) if state is None else state[variable]
-        hidden, network_state = part(features, network_state)
+        hidden, network_state = _run_network(encoding, part, view, network_state)
         blocks[variable], update_state = updates[variable](hidden, view, update_state)
         states[variable] = (network_state, update_state)
     if None in blocks:
         return blocks[None], states
     return {n: torch.cat([block[n] for block in blocks.values()], -1) for n in context.params}, states
+
+
+def _run_network(encoding: Encoding, network: UpdateNetwork, view: StepContext, state: Any) -> tuple[Tensor, Any]:
+    """The network on the view's encoding. With features that stay the same over the run (``step_constant``, the
+    data), the input layer W f + b is split by W's column blocks into a constant share P = W_c f_c + b and the
+    varying features' W_v f_v; P and W_v are taken from W once per run (``view.constants``): W f + b = W_v f_v + P.
+    """
+    pieces = encoding.encodings if isinstance(encoding, Concat) else (encoding,)
+    if (torch.jit.is_tracing()  # a traced graph records every step as it is
+            or type(network).forward is not UpdateNetwork.forward or not network.is_sized
+            or not any(piece.step_constant for piece in pieces)):
+        with full_precision(view.x):
+            features = encoding(view)
+        return network(features, state)
+    space = view.objective.space
+    size = space.total_dim if view.variable is None else space.sizes[view.variable]
+    shapes = FeatureShapes.of(data=math.prod(view.x.shape[1:]), param_names=view.family.param_sizes(size), space=space,
+                              variable=view.variable)
+    widths = [piece.num_features(shapes) for piece in pieces]
+    network.materialize(sum(widths))  # checks the input layer's width
+    weight, bias = network.input.weight, network.input.bias
+    columns = [(piece, start, start + width)
+               for piece, start, width in zip(pieces, itertools.accumulate([0, *widths]), widths, strict=False)]
+
+    def encoded(constant: bool) -> Tensor:
+        with full_precision(view.x):
+            # one piece may be in the data's dtype, another in λ's: each is cast to the weights' dtype
+            return torch.cat([piece(view).to(weight.dtype) for piece, _, _ in columns
+                              if piece.step_constant == constant], -1)
+
+    def block(constant: bool) -> Tensor:
+        return torch.cat([weight[:, a:b] for piece, a, b in columns if piece.step_constant == constant], -1)
+
+    key = f"update_network:{view.variable}"
+    projected = view.constants.get(f"{key}:constant_share",
+                                   lambda: nn.functional.linear(encoded(True), block(True), bias))
+    if all(piece.step_constant for piece in pieces):
+        return network(projected.new_zeros(projected.shape[0], 0), state, projected=projected)
+    varying = encoded(False)
+    weight_varying = view.constants.get(f"{key}:varying_weight", lambda: block(False))
+    return network(varying, state, projected=nn.functional.linear(varying, weight_varying) + projected)
 
 
 def _build_network(

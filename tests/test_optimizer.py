@@ -18,7 +18,9 @@ from learned_inference import (
     elbo_and_grad,
     prior_moments,
 )
-from learned_inference.context import StepContext
+from learned_inference.context import RunConstants, StepContext
+from learned_inference.encodings import Data
+from learned_inference.networks import HighwayMLP
 from learned_inference.objectives import Objective
 from tests.conftest import mlp_decoder
 
@@ -76,6 +78,68 @@ def test_loss_backward_gives_the_paper_training_gradients(network, update):
     for name, p in [*inference.named_parameters(), *model.named_parameters()]:
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-7, atol=1e-10, msg=name)
     torch.testing.assert_close(result.loss, phi_loss.detach(), rtol=1e-9, atol=1e-9)
+
+
+class _CountingData(Data):
+    """The data encoding, recording the step at which it is computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+
+    def __call__(self, context):
+        self.steps.append(context.t)
+        return super().__call__(context)
+
+
+class _WholeInputHighway(HighwayMLP):
+    """A highway network that overrides forward, so it sees every feature at every step (nothing hoisted)."""
+
+    def forward(self, features, state=None):
+        return self.after_input(self.input(features), state)
+
+
+@pytest.mark.parametrize("network", ["highway", "gru"])
+def test_the_data_share_of_the_input_layer_is_computed_once_per_run(network):
+    data = _CountingData()
+    model, inference, x, noise = _setup(network=network, encoding=("gradient", data, "params"))
+    data.steps.clear()
+    inference(x, noise=noise).loss.backward()
+    inference.infer(x, num_steps=T, noise=noise)
+    assert data.steps == [0, 0]
+
+
+def test_hoisting_the_data_share_changes_no_number():
+    """λ, the loss and every gradient are those of the network applied to all features at every step."""
+    results = []
+    for network_type in (HighwayMLP, _WholeInputHighway):
+        torch.manual_seed(0)
+        model = DecoderModel(mlp_decoder(D, X), likelihood="bernoulli", latent_dim=D).double()
+        inference = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, data_shape=(X,),
+                                                network=network_type(hidden_size=16)).double()
+        x = torch.bernoulli(torch.full((B, X), 0.4, dtype=torch.float64))
+        noise = torch.randn(T + 1, inference.num_samples, B, D, dtype=torch.float64)
+        result = inference(x, noise=noise)
+        result.loss.backward()
+        grads = {n: p.grad for n, p in [*inference.named_parameters(), *model.named_parameters()]}
+        results.append((result.params, result.loss.detach(), grads, inference.infer(x, noise=noise).params))
+    (params, loss, grads, tested), (params_ref, loss_ref, grads_ref, tested_ref) = results
+    torch.testing.assert_close(params, params_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tested, tested_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads, grads_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_run_constants_gate_captures_gradients_only_while_capturing():
+    weight = torch.randn(3, 2, requires_grad=True)
+    constants = RunConstants(capture=True)
+    shared = constants.get("p", lambda: torch.ones(4, 2) @ weight.t())
+    assert constants.get("p", lambda: pytest.fail("computed twice")) is shared
+    with constants.capturing_gradients():
+        (grad,) = torch.autograd.grad((2 * shared).sum(), weight, allow_unused=True, retain_graph=True)
+    assert grad is None and torch.equal(constants.captured[0], torch.full((4, 3), 2.0))
+    (shared.sum() + (constants.captured[0] * constants.gated[0]).sum()).backward()  # passes through, then the sum
+    torch.testing.assert_close(weight.grad, torch.full((3, 2), 3.0 * 4))
 
 
 def test_result_shapes_and_types():
