@@ -201,9 +201,11 @@ class NaturalGradientUpdate(Update):
         velocity = {name: self.max_step * self.steps[name](hidden).sigmoid() * natural[name] for name in natural}
         if self.momenta is not None and state is not None:
             velocity = {name: self.momenta[name](hidden).sigmoid() * state[name] + v for name, v in velocity.items()}
-        if self.max_kl is not None:  # the clamp keeps a zero step (an unhealthy row) out of the gradient
-            squared = context.family.squared_fisher_norm(context.params, velocity).clamp_min(1e-30)
-            scale = torch.sqrt(2 * self.max_kl / squared).clamp(max=1.0).unsqueeze(-1)
+        if self.max_kl is not None:
+            # min(1, sqrt(2 KL_max / ‖v‖²_F)) as 1/sqrt(max(1, ‖v‖²_F / 2 KL_max)): no division by a tiny norm, whose
+            # derivative would overflow (and meet the zero of the clamp as inf · 0 = NaN) for a step near zero
+            squared = context.family.squared_fisher_norm(context.params, velocity)
+            scale = torch.rsqrt((squared / (2 * self.max_kl)).clamp_min(1.0)).unsqueeze(-1)
             velocity = {name: scale * v for name, v in velocity.items()}
         params = {name: value + velocity[name] for name, value in context.params.items()}
         return params, velocity if self.momenta is not None else None

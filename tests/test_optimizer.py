@@ -102,7 +102,7 @@ class _WholeInputHighway(HighwayMLP):
 @pytest.mark.parametrize("network", ["highway", "gru"])
 def test_the_data_share_of_the_input_layer_is_computed_once_per_run(network):
     data = _CountingData()
-    model, inference, x, noise = _setup(network=network, encoding=("gradient", data, "params"))
+    _, inference, x, noise = _setup(network=network, encoding=("gradient", data, "params"))
     data.steps.clear()
     inference(x, noise=noise).loss.backward()
     inference.infer(x, num_steps=T, noise=noise)

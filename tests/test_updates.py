@@ -7,6 +7,7 @@ import torch
 
 from learned_inference import IterativeInferenceOptimizer
 from learned_inference.block_family import BlockFamily
+from learned_inference.context import StepContext
 from learned_inference.families import DiagonalGaussian
 from learned_inference.model import LatentSpace
 from learned_inference.objectives import Objective, sample_noise
@@ -114,6 +115,24 @@ def test_the_trust_region_bounds_every_step_and_leaves_short_steps_alone():
     torch.testing.assert_close(first_step(1e9)[1], first_step(None)[1])
     with pytest.raises(ValueError, match="max_kl must be > 0 nats"):
         NaturalGradientUpdate(("loc",), hidden_size=4, dim=2, max_kl=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_trust_region_has_finite_derivatives_at_a_zero_step(dtype):
+    """An example whose gradient is (nearly) zero, converged, takes a (nearly) zero step; the heads' derivatives
+    stay finite (a division by the step's tiny norm overflowed in float32 and gave NaN)."""
+    update = NaturalGradientUpdate(("loc", "log_var"), hidden_size=4, dim=2, max_kl=20.0).to(dtype)
+    model = ProbabilisticPCA.random(data_dim=3, latent_dim=2, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    objective = Objective(model, DiagonalGaussian(), LatentSpace(2))
+    params = {"loc": torch.zeros(2, 2, dtype=dtype), "log_var": torch.zeros(2, 2, dtype=dtype)}
+    grads = {"loc": torch.tensor([[1e-14, 0.0], [3.0, -1.0]], dtype=dtype), "log_var": torch.zeros(2, 2, dtype=dtype)}
+    context = StepContext(x=torch.zeros(2, 3, dtype=dtype), params=params, grads=grads,
+                          elbo=torch.zeros(2, dtype=dtype), healthy=torch.ones(2, dtype=torch.bool), t=1,
+                          noise=torch.zeros(1, 2, 2, dtype=dtype), objective=objective)
+    proposal, _ = update(torch.randn(2, 4, dtype=dtype), context)
+    torch.testing.assert_close(proposal["loc"][0], torch.zeros(2, dtype=dtype), rtol=0, atol=1e-12)
+    sum(p.sum() for p in proposal.values()).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in update.parameters() if p.grad is not None)
 
 
 def test_a_staged_update_takes_its_first_step_from_first_and_the_rest_from_then():
