@@ -1,7 +1,8 @@
-"""Training with a standard encoder versus iterative inference: test −log p(x) at an equal number of epochs.
+"""Training with a standard encoder versus iterative inference: test −log p(x) at equal epochs and equal time.
 
-What is measured (paper Fig. 6, Table 1 direction): on a fixed subset of statically binarized MNIST, a standard VAE
-(highway encoder, one pass) and iterative inference models with T = 5 steps, encoded with
+What is measured (paper Table 1 direction), in the well-trained tier: on all 50k statically binarized MNIST training
+images, the paper's architecture (512 units, z of size 64), a standard VAE (highway encoder, one pass) and
+iterative inference models with T = 5 steps (the library's defaults otherwise), encoded with
 
 * ``gradient+data``: the ELBO gradient, the data and λ (the paper's default; ``nll_iterative`` reports this one),
 * ``gradient``: the gradient and λ, without the data,
@@ -9,7 +10,9 @@ What is measured (paper Fig. 6, Table 1 direction): on a fixed subset of statica
 * ``errors``: the errors and λ, without the data,
 
 each with its own decoder of the same architecture, are trained with Adam for the same epochs on the same data order
-(seeded), with per-epoch checkpoints (resumable). Afterwards every model infers on a fixed test subset (the iterative
+(seeded), with per-epoch checkpoints (resumable); by default only ``gradient+data`` (``--variants`` adds the
+others). At equal wall-clock, the standard VAE then trains on for as many epochs as fit in the iterative model's
+training time (``standard (equal time)``). Afterwards every model infers on a fixed test subset (the iterative
 ones with T = 5 steps) and −log p(x) is estimated by importance sampling with k samples from that posterior
 (``importance_weighted_log_marginal``), along with the k-sample ELBO. Lower −log p(x) is better.
 
@@ -22,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,13 +50,13 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {"num_train": 200, "num_test": 20, "epochs": 2, "hidden_size": 32, "latent_dim": 8, "batch_size": 50,
               "lr": 1e-3, "num_steps": 5, "iw_samples": 20},
-    "full": {"num_train": 3000, "num_test": 1000, "epochs": 30, "hidden_size": 256, "latent_dim": 64,
+    "full": {"num_train": 50000, "num_test": 1000, "epochs": 20, "hidden_size": 512, "latent_dim": 64,
              "batch_size": 100, "lr": 1e-3, "num_steps": 5, "iw_samples": 500},
 }
-REDUCTIONS = ("Trained on the first {num_train} of the 50k training images for {epochs} epochs (Adam lr {lr}, batch "
-              "{batch_size}); the paper trains on all 50k for far longer with lr 2e-4. Hidden layers of "
-              "{hidden_size} units instead of 512 (z of size {latent_dim}) to fit the CPU budget. -log p(x) by "
-              "importance sampling with k = {iw_samples} on the first {num_test} test images.")
+REDUCTIONS = ("Trained on {num_train} training images for {epochs} epochs (Adam lr {lr}, batch {batch_size}); the "
+              "paper trains for far longer with lr 2e-4 (its Table 1: 84.14 standard, 83.84 iterative, k = 5000). "
+              "Hidden layers of {hidden_size} units, z of size {latent_dim}. -log p(x) by importance sampling with "
+              "k = {iw_samples} on the first {num_test} test images.")
 
 
 def _build(kind: str, s: dict[str, Any], seed: int) -> tuple[DecoderModel, Any]:
@@ -68,8 +72,8 @@ def _build(kind: str, s: dict[str, Any], seed: int) -> tuple[DecoderModel, Any]:
 
 
 def extra_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
-                        help="iterative encodings to train (default: all four)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["gradient+data"],
+                        help="iterative encodings to train (default: gradient+data)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -83,13 +87,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics: dict[str, dict[str, float]] = {}
     learning: dict[str, dict[str, list[float]]] = {}
     config = {k: s[k] for k in ("hidden_size", "latent_dim", "num_steps")}
-    for kind in ("standard", *args.variants):
-        model, method = _build(kind, s, args.seed)
-        learning[kind] = common.train_model(args, model, method, train, label=f"mnist-{kind}",
-                                            config={**config, "kind": kind}, epochs=s["epochs"],
+    equal_time_epochs = s["epochs"]
+    for kind in ("standard", *args.variants, "standard (equal time)"):
+        if kind == "standard (equal time)":  # trains on from the standard model's checkpoint
+            iterative_seconds = sum(learning["gradient+data"]["seconds"])
+            equal_time_epochs = max(s["epochs"], round(iterative_seconds / statistics.median(
+                learning["standard"]["seconds"])))
+        model, method = _build("standard" if kind.startswith("standard") else kind, s, args.seed)
+        base = "standard" if kind.startswith("standard") else kind
+        learning[kind] = common.train_model(args, model, method, train, label=f"mnist-{base}",
+                                            config={**config, "kind": base}, epochs=equal_time_epochs
+                                            if kind == "standard (equal time)" else s["epochs"],
                                             batch_size=s["batch_size"], lr=s["lr"])
         log_px, elbo = common.importance_scores(model, method, test, samples=s["iw_samples"], seed=args.seed + 1,
-                                                num_steps=0 if kind == "standard" else s["num_steps"])
+                                                num_steps=0 if kind.startswith("standard") else s["num_steps"])
         nll = -log_px
         metrics[kind] = {"nll": nll.mean().item(), "nll_sem": (nll.std() / len(nll) ** 0.5).item(),
                          "elbo": elbo.mean().item(), "train_elbo_last_epoch": learning[kind]["train_elbo"][-1],
@@ -101,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "nll_standard": nll_standard,
         "nll_iterative": nll_iterative,
         "iterative_below_standard": nll_iterative < nll_standard,
+        "equal_time_epochs_standard": equal_time_epochs,
+        "nll_standard_equal_time": metrics["standard (equal time)"]["nll"],
+        "iterative_below_standard_at_equal_time": nll_iterative < metrics["standard (equal time)"]["nll"],
         "models": metrics,
         "learning_curves": learning,
     }
@@ -123,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "",
         f"Iterative (gradient+data, T = {s['num_steps']}) -log p(x) {nll_iterative:.3f} vs standard "
         f"{nll_standard:.3f} after {s['epochs']} epochs: target (iterative below standard) "
-        f"**{'met' if nll_iterative < nll_standard else 'not met'}**.",
+        f"**{'met' if nll_iterative < nll_standard else 'not met'}**. At equal wall-clock (the standard VAE "
+        f"trained {equal_time_epochs} epochs in the iterative model's training time): standard "
+        f"{metrics['standard (equal time)']['nll']:.3f}: iterative below it "
+        f"**{'yes' if nll_iterative < metrics['standard (equal time)']['nll'] else 'no'}**.",
     ]
     common.write_results(args, result, title="Training: standard versus iterative inference (binarized MNIST)",
                          body=body, started=started, plots=plots)

@@ -20,7 +20,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 REQUIRED = {
     "inference_comparison": ("gap_closed_T5", "beats_best_optimizer_at_equal_time"),
-    "training_comparison": ("epochs", "nll_standard", "nll_iterative"),
+    "training_comparison": ("epochs", "nll_standard", "nll_iterative", "nll_standard_equal_time"),
     "text_perplexity": ("perplexity_standard", "perplexity_iterative", "perplexity_standard_normalized"),
     "overhead": ("func_vs_autograd_ratio", "peak_mem_ratio_T16_vs_T2"),
     "figures": ("final_relative_improvement",),
