@@ -11,7 +11,8 @@
 2. Cost of a training step: one optimizer step (forward, ``loss.backward()``, Adam) of joint training with an
    ``IterativeInferenceOptimizer`` of T = 5 steps versus one step of a standard VAE (``StandardEncoder`` on the
    model's encoder), paper-sized model (``zoo.bernoulli_vae``), the library's default options, batch 64 and 256,
-   interleaved after a warm-up; ``train_step_ratio_T5_vs_standard`` is the ratio of the medians (by batch size).
+   interleaved after a warm-up; ``train_step_ratio_T5_vs_standard`` is the ratio of the medians (by batch size),
+   ``train_step_ratio_T5_one_sample_vs_standard`` the same with one sample per ELBO, as the standard VAE uses.
 3. Cost of a test-time step: one learned step versus one Adam E-step (``GradientEStep``, same number of samples),
    timed as (``infer`` with k steps − ``infer`` with 0 steps) / k, interleaved (``common.time_methods``); both
    refine from the model's encoder; ``test_step_ratio_vs_adam``.

@@ -89,18 +89,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = {k: s[k] for k in ("hidden_size", "latent_dim", "num_steps")}
     equal_time_epochs = s["epochs"]
     for kind in ("standard", *args.variants, "standard (equal time)"):
+        base, epochs = ("standard" if kind.startswith("standard") else kind), s["epochs"]
         if kind == "standard (equal time)":  # trains on from the standard model's checkpoint
             iterative_seconds = sum(learning["gradient+data"]["seconds"])
-            equal_time_epochs = max(s["epochs"], round(iterative_seconds / statistics.median(
+            epochs = equal_time_epochs = max(s["epochs"], round(iterative_seconds / statistics.median(
                 learning["standard"]["seconds"])))
-        model, method = _build("standard" if kind.startswith("standard") else kind, s, args.seed)
-        base = "standard" if kind.startswith("standard") else kind
+        model, method = _build(base, s, args.seed)
         learning[kind] = common.train_model(args, model, method, train, label=f"mnist-{base}",
-                                            config={**config, "kind": base}, epochs=equal_time_epochs
-                                            if kind == "standard (equal time)" else s["epochs"],
+                                            config={**config, "kind": base}, epochs=epochs,
                                             batch_size=s["batch_size"], lr=s["lr"])
         log_px, elbo = common.importance_scores(model, method, test, samples=s["iw_samples"], seed=args.seed + 1,
-                                                num_steps=0 if kind.startswith("standard") else s["num_steps"])
+                                                num_steps=0 if base == "standard" else s["num_steps"])
         nll = -log_px
         metrics[kind] = {"nll": nll.mean().item(), "nll_sem": (nll.std() / len(nll) ** 0.5).item(),
                          "elbo": elbo.mean().item(), "train_elbo_last_epoch": learning[kind]["train_elbo"][-1],

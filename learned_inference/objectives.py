@@ -148,7 +148,7 @@ def elbo_and_grad(
 
     # The pullback of the per-example ELBO with cotangent 1 is the gradient of its sum. A vector-Jacobian product
     # rather than grad(sum): functorch then accumulates gradients in place as autograd does (measured in
-    # benchmarks/overhead.py: 1.23x a hand-written autograd.grad with grad_and_value, ~1.12x with vjp).
+    # benchmarks/overhead.py: 1.24x a hand-written autograd.grad with grad_and_value, 1.14x with vjp).
     values, pullback = vjp(per_example, params)[:2]
     (grads,) = pullback(torch.ones_like(values))
     return values, grads
