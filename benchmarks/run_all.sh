@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 total_start=$(date +%s)
-for name in inference_comparison training_comparison text_perplexity overhead figures; do
+for name in inference_comparison training_comparison hierarchical_comparison text_perplexity overhead figures; do
     start=$(date +%s)
     python "benchmarks/${name}.py" --scale full --threads 2 "$@"
     echo "== ${name}: $(( $(date +%s) - start )) s"
