@@ -31,7 +31,7 @@ from learned_inference.encodings import (
     StandardizedGradient,
     make_encoding,
 )
-from learned_inference.engine import Training, TrainingLoss, Trajectory, refine
+from learned_inference.engine import IterateAveraging, Training, TrainingLoss, Trajectory, refine
 from learned_inference.errors import observation_errors, precision_weighted_errors
 from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
 from learned_inference.family_encoder import FamilyEncoder
@@ -98,6 +98,7 @@ __all__ = [
     "HighwayMLP",
     "InferenceMethod",
     "InferenceResult",
+    "IterateAveraging",
     "IterativeInferenceOptimizer",
     "LatentModel",
     "LatentSpace",

@@ -13,7 +13,8 @@ unhealthy examples once (a ``RuntimeWarning`` or a ``FloatingPointError``), and 
 :class:`TrainingLoss`, whose docstring states the equation. :class:`Training` says how a method learns: the
 weight of every step, whether a trainable λ_0 learns from L_0, and whether gradients flow through the steps. At
 test time :class:`Stopping` adds per-example safeguards for every method: stop an example when its ELBO stops
-improving, and return its best λ.
+improving, and return its best λ; and :class:`IterateAveraging` returns a running average of the iterates after a
+given step, which removes the noise a constant-size stochastic step keeps around the optimum.
 
 Example:
     >>> import torch
@@ -48,6 +49,7 @@ from learned_inference.objectives import Objective, sample_noise
 
 __all__ = [
     "ON_NONFINITE",
+    "IterateAveraging",
     "Step",
     "Stopping",
     "Training",
@@ -257,6 +259,70 @@ class Stopping:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
+@dataclass(frozen=True)
+class IterateAveraging:
+    """Polynomial-decay averaging of the iterates (Shamir & Zhang 2013), a test-time estimate for any method.
+
+    From step ``start`` on, the run returns the running average λ̄_T instead of the last iterate λ_T:
+
+        λ̄_start = λ_start,   λ̄_t = (1 − ρ_t) λ̄_{t−1} + ρ_t λ_t,   ρ_t = (η + 1) / (t − start + 1 + η),
+
+    a weighted average of λ_start, …, λ_t whose weights grow polynomially (degree η) with t, so early iterates are
+    forgotten (η = 0 is the plain mean; η = 1 weights λ_s by s − start + 1). A stochastic step of constant size
+    (a learned optimizer past the steps it was trained for) stops making progress and scatters λ_t around the
+    optimum; the average keeps the progress and cancels the scatter. Iterates before ``start`` are not
+    averaged, and runs of at most ``start`` steps return λ_T unchanged. The iterates themselves are what the steps
+    see; the run's last ELBO row is evaluated at λ̄_T, the estimate it returns.
+
+    Attributes:
+        start: the first averaged step; None takes the method's ``num_steps`` (the steps a learned optimizer was
+            trained for: averaging changes nothing up to there).
+        eta: η ≥ 0, how fast early iterates are forgotten.
+
+    Example:
+        >>> import torch
+        >>> averaging = IterateAveraging(start=1, eta=0.0)
+        >>> iterates = [{"loc": torch.tensor([[v]])} for v in (9.0, 1.0, 2.0, 3.0)]
+        >>> averaging.running(iterates)[-1]["loc"]   # the mean of steps 1..3; step 0 is not averaged
+        tensor([[2.]])
+    """
+
+    start: int | None = None
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.start is not None and (isinstance(self.start, bool) or not isinstance(self.start, int)
+                                       or self.start < 0):
+            raise ValueError(f"start must be an int >= 0 (the first averaged step) or None, got {self.start!r}")
+        if not (isinstance(self.eta, (int, float)) and self.eta >= 0):
+            raise ValueError(f"eta must be a number >= 0, got {self.eta!r}")
+
+    def starting_at(self, default: int) -> IterateAveraging:
+        """This averaging with ``start`` set (``default`` where it is None)."""
+        return self if self.start is not None else IterateAveraging(start=default, eta=self.eta)
+
+    def update(self, average: Params | None, params: Params, t: int) -> Params | None:
+        """λ̄_t from λ̄_{t−1} (``average``) and λ_t (``params``, detached); None before ``start``."""
+        if self.start is None:
+            raise ValueError("this IterateAveraging has no start step: set start=, or use starting_at(num_steps)")
+        start = self.start
+        if t < start:
+            return None
+        if average is None or t == start:
+            return dict(params)
+        rho = (self.eta + 1) / (t - start + 1 + self.eta)
+        return {n: torch.lerp(average[n], p, rho) for n, p in params.items()}
+
+    def running(self, iterates: Sequence[Params]) -> list[Params]:
+        """The estimate a run would return after each step: λ_t before ``start``, λ̄_t from then on."""
+        average: Params | None = None
+        out = []
+        for t, params in enumerate(iterates):
+            average = self.update(average, params, t)
+            out.append(params if average is None else average)
+        return out
+
+
 class _Watch:
     """Per-example state of :class:`Stopping` over one run."""
 
@@ -341,6 +407,7 @@ def refine(
     record_params: bool = False,
     evaluate_last: bool = True,
     stopping: Stopping | None = None,
+    averaging: IterateAveraging | None = None,
 ) -> Trajectory:
     """Runs ``num_steps`` refinement steps from λ_0 = ``initial`` (see the module docstring).
 
@@ -359,6 +426,8 @@ def refine(
         evaluate_last: evaluate L_T (False when the caller scores λ_T itself, as a Pyro ELBO does).
         stopping: test-time safeguards (:class:`Stopping`); not with ``train``. With a tolerance, ``elbo`` has a row
             per step run: fewer than T + 1 when every example stopped early.
+        averaging: return the running average of the iterates (:class:`IterateAveraging`, ``start`` set) instead of
+            λ_T; the last ELBO row, the stopping rule and keep-best then score the average. Not with ``train``.
 
     Returns:
         The :class:`Trajectory`.
@@ -367,6 +436,9 @@ def refine(
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     if stopping is not None and train:
         raise ValueError("stopping rules and keep-best are test-time safeguards: use them with infer(), not training")
+    if averaging is not None and (train or averaging.start is None):
+        raise ValueError("averaging is a test-time estimate with a start step: pass IterateAveraging(start=...) to a "
+                         "test-time run (train=False)")
     batch = x.shape[0]
     training = Training() if training is None else training
     through_steps = train and training.backprop_through_steps
@@ -384,13 +456,18 @@ def refine(
     moving = torch.ones(batch, dtype=torch.bool, device=x.device)
     steps = torch.zeros(batch, dtype=torch.long, device=x.device)
     state: Any = None
+    average: Params | None = None
     for t in range(num_steps + 1):
         last = t == num_steps
+        if averaging is not None:
+            average = averaging.update(average, detach(params), t)
         if last and not evaluate_last:
             break
         noise_t = noise(t)
-        # λ_t as the ELBO sees it (detached unless differentiating through the gradient) ...
+        # λ_t as the ELBO sees it (detached unless differentiating through the gradient; the average at the end) ...
         lam = params if second_order and not last else detach(params)
+        if last and average is not None:
+            lam = average
         with torch.set_grad_enabled(train and (last or second_order)), full_precision(x):
             values, grads = objective.elbo_and_grad(lam, x, noise_t)
         healthy = torch.isfinite(values.detach())
@@ -409,7 +486,7 @@ def refine(
             history.append(detach(params))
         grads = {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}
         if watch is not None:
-            moving = watch.observe(lam)
+            moving = watch.observe(lam if average is None else average)
             if not bool(moving.any()):
                 break
         if train:
@@ -437,7 +514,8 @@ def refine(
         steps = steps + update
     elbo, healthy_steps = _stack(elbos, batch, x), _stack(health, batch, x).bool()
     _report_unhealthy(healthy_steps, on_nonfinite)
-    return Trajectory(params=params if watch is None else watch.result(params), elbo=elbo,
+    estimate = params if average is None else average
+    return Trajectory(params=estimate if watch is None else watch.result(estimate), elbo=elbo,
                       grad_norm=_stack(norms, batch, x), healthy=healthy_steps, params_history=history,
                       loss=loss.finish(elbo, healthy_steps), steps=steps)
 

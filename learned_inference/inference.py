@@ -32,7 +32,7 @@ from torch.distributions import Distribution
 
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
-from learned_inference.engine import ON_NONFINITE, Stopping, Training, Trajectory, refine
+from learned_inference.engine import ON_NONFINITE, IterateAveraging, Stopping, Training, Trajectory, refine
 from learned_inference.families import Family, Params, detach, make_family
 from learned_inference.model import (
     LatentModel,
@@ -63,7 +63,10 @@ class InferenceResult:
         healthy: ``[num_steps + 1, B]``, whether each example's ELBO and gradient were finite at each step.
         steps: ``[B]``, the refinement steps applied to each example (fewer where ``infer(..., tol=...)`` stopped it
             early, or where it was not finite).
-        trajectory: λ_0, …, λ_T in the form of ``params`` when ``infer(..., record_params=True)``, else None.
+        trajectory: the iterates λ_0, …, λ_T in the form of ``params`` when ``infer(..., record_params=True)``,
+            else None. With iterate averaging, ``params`` is the average after the last step;
+            ``method.averaging.starting_at(method.num_steps).running(trajectory)`` gives the estimate after every
+            step.
     """
 
     params: dict[str, Any]
@@ -92,6 +95,10 @@ class InferenceMethod(nn.Module):
         on_nonfinite: when some examples' ELBO or λ-gradient is not finite (e.g. an overflowing decoder):
             ``"warn"`` (those examples keep their λ and are left out of the loss, the others are unaffected, and a
             ``RuntimeWarning`` names them) or ``"raise"`` (``FloatingPointError``).
+        averaging: at test time, return the running average of the iterates from a given step on
+            (:class:`~learned_inference.engine.IterateAveraging`; ``start=None`` means from ``num_steps``) instead
+            of the last iterate; None (default) returns the last. Kept as the attribute ``averaging``, which may be
+            set to None later to see the last iterates.
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class InferenceMethod(nn.Module):
         analytic_kl: bool,
         antithetic: bool = False,
         on_nonfinite: str = "warn",
+        averaging: IterateAveraging | None = None,
     ) -> None:
         super().__init__()
         check_model(model)
@@ -121,6 +129,9 @@ class InferenceMethod(nn.Module):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+        if averaging is not None and not isinstance(averaging, IterateAveraging):
+            raise TypeError(f"averaging must be an IterateAveraging or None, got {type(averaging).__name__}")
+        self.averaging = averaging
         self._model_checked = False
         self._batch_norms: tuple[Any, ...] = ()
 
@@ -210,10 +221,12 @@ class InferenceMethod(nn.Module):
         self._check_inputs(x, num_steps, noise)
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
         initial = self.init(x) if init_params is None else self._flatten(init_params, x)
+        averaging = None if train or self.averaging is None else self.averaging.starting_at(self.num_steps)
         trajectory = refine(
             self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior),
             num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
             train=train, on_nonfinite=self.on_nonfinite, record_params=record_params, stopping=stopping,
+            averaging=averaging,
         )
         return self._result(trajectory)
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from learned_inference.context import StepContext, full_precision
 from learned_inference.encodings import DEFAULT_ENCODING, Concat, Encoding, FeatureShapes, make_encoding
-from learned_inference.engine import Training, mean_over_steps
+from learned_inference.engine import IterateAveraging, Training, mean_over_steps
 from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel, LatentSpace, encoder_output
@@ -34,7 +34,10 @@ from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_n
 from learned_inference.updates import PerVariableUpdate, Update, make_update
 from learned_inference.validation import check_int
 
-__all__ = ["IterativeInferenceOptimizer", "learned_step"]
+#: the default test-time estimate beyond the trained steps: the polynomial-decay average from step ``num_steps`` on
+DEFAULT_AVERAGING = IterateAveraging()
+
+__all__ = ["DEFAULT_AVERAGING", "IterativeInferenceOptimizer", "learned_step"]
 
 
 def learned_step(
@@ -185,6 +188,11 @@ class IterativeInferenceOptimizer(InferenceMethod):
             needs ``backprop_through_steps``.
         on_nonfinite: ``"warn"`` (default) or ``"raise"`` for examples whose ELBO or λ-gradient is not finite.
         data_shape: the event shape of x (e.g. ``(784,)``), to size the network now rather than on the first call.
+        averaging: what a test-time run longer than ``num_steps`` returns: by default (``DEFAULT_AVERAGING``,
+            ``IterateAveraging()``) the polynomial-decay average of the iterates from step ``num_steps`` on, which
+            cancels the scatter of the learned steps around the optimum once they stop making progress (on the
+            frozen-VAE benchmark: 0.2 nats at 50 steps); None returns the last iterate. Runs of at most
+            ``num_steps`` steps, and training, are not affected.
 
     Example:
         >>> import torch
@@ -219,10 +227,11 @@ class IterativeInferenceOptimizer(InferenceMethod):
         second_order: bool = False,
         on_nonfinite: str = "warn",
         data_shape: Sequence[int] | None = None,
+        averaging: IterateAveraging | None = DEFAULT_AVERAGING,
     ) -> None:
         super().__init__(model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
                          analytic_kl=analytic_kl, antithetic=num_samples % 2 == 0 if antithetic is None else antithetic,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, averaging=averaging)
         if init not in ("prior", "encoder"):
             raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
         if init == "encoder" and not callable(getattr(model, "encode", None)):
@@ -294,5 +303,5 @@ class IterativeInferenceOptimizer(InferenceMethod):
     def extra_repr(self) -> str:
         return (f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "
                 f"num_samples={self.num_samples}, init={self.start!r}, "
-                f"backprop_through_steps={self.backprop_through_steps}")
+                f"backprop_through_steps={self.backprop_through_steps}, averaging={self.averaging}")
 

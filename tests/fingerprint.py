@@ -32,8 +32,9 @@ from learned_inference.zoo import LinearGaussianHierarchy
 PATH = Path(__file__).parent / "data" / "engine_fingerprint.json"
 DTYPE = torch.float64
 B, X, D, T = 4, 10, 3, 3
-#: the learned optimizer's options at the time of the recording (the paper's gated update, one sample)
-PAPER = {"update": "gated", "num_samples": 1, "antithetic": False}
+#: the learned optimizer's options at the time of the recording (the paper's gated update, one sample, the last
+#: iterate returned)
+PAPER = {"update": "gated", "num_samples": 1, "antithetic": False, "averaging": None}
 
 
 def _set_weights(named: list[tuple[str, nn.Parameter]]) -> None:
@@ -101,7 +102,7 @@ def _optimizer_encoder_errors() -> dict[str, Any]:
     model = VAEModel(_TinyVAE().to(DTYPE), likelihood="bernoulli", latent_dim=D)
     method = IterativeInferenceOptimizer(model, latent_dim=D, num_steps=T, hidden_size=8, init="encoder",
                                          encoding=("gradient", "errors", "params"), num_samples=2,
-                                         update="gated", antithetic=False).to(DTYPE)
+                                         update="gated", antithetic=False, averaging=None).to(DTYPE)
     return _record(method, model, _data(3), samples=2)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from learned_inference import (
     DecoderModel,
     InferenceResult,
+    IterateAveraging,
     IterativeInferenceOptimizer,
     LatentSpace,
     VAEModel,
@@ -367,3 +368,23 @@ def test_integer_data_is_rejected_with_a_hint():
     inference = IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=8)
     with pytest.raises(TypeError, match="floating-point"):
         inference.infer(torch.ones(3, 5, dtype=torch.long))
+
+
+def test_default_averaging_starts_after_the_trained_steps():
+    """By default a run longer than ``num_steps`` returns the polynomial-decay average of the iterates from step
+    ``num_steps`` on; up to ``num_steps`` (and in training) nothing changes; ``averaging=None`` gives the last."""
+    torch.manual_seed(0)
+    _, inference, x, _ = _setup()
+    assert inference.averaging == IterateAveraging() and "averaging=IterateAveraging(start=None" in repr(inference)
+    noise = torch.randn(4 * T + 1, inference.num_samples, B, D, dtype=torch.float64)
+    long = inference.infer(x, num_steps=4 * T, noise=noise, record_params=True)
+    expected = IterateAveraging(start=T).running(long.trajectory)[-1]
+    torch.testing.assert_close(long.params, expected, rtol=0, atol=0)
+    assert not torch.equal(long.params["loc"], long.trajectory[-1]["loc"])
+    short = inference.infer(x, num_steps=T, noise=noise[: T + 1])
+    torch.testing.assert_close(short.params, long.trajectory[T], rtol=0, atol=0)
+    inference.averaging = None
+    last = inference.infer(x, num_steps=4 * T, noise=noise)
+    torch.testing.assert_close(last.params, long.trajectory[-1], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="averaging must be an IterateAveraging or None"):
+        IterativeInferenceOptimizer(inference.model, latent_dim=D, averaging="polyak")  # type: ignore[arg-type]
