@@ -15,6 +15,7 @@ every reduction relative to the paper is recorded in the JSON under ``"settings"
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import os
@@ -336,24 +337,36 @@ def time_methods(methods: dict[str, InferenceMethod], x: Tensor, *, steps: int, 
                    "step_s_spread": [min(s["step"]), max(s["step"])]} for name, s in samples.items()}
 
 
-def value_at(curve: Sequence[float], timing: dict[str, float], budget: float) -> float:
-    """The ELBO of the last step completed within ``budget`` seconds (-inf before the start is done)."""
+def value_at(curve: Sequence[float], timing: dict[str, float], budget: float,
+             steps: Sequence[int] | None = None) -> float:
+    """The ELBO reached within ``budget`` seconds (-inf before the start is done): of the last step completed for a
+    curve with a value per step, linearly interpolated between the checkpoint steps ``steps`` where given (the
+    curve's values are at those steps, the first one 0)."""
     if budget < timing["t0_s"]:
         return float("-inf")
     if timing["step_s"] <= 0:
         return curve[-1]
-    return curve[min(int((budget - timing["t0_s"]) / timing["step_s"]), len(curve) - 1)]
+    done = (budget - timing["t0_s"]) / timing["step_s"]
+    if steps is None:
+        return curve[min(int(done), len(curve) - 1)]
+    if done >= steps[-1]:
+        return curve[-1]
+    after = bisect.bisect_right(steps, done)
+    (s0, v0), (s1, v1) = (steps[after - 1], curve[after - 1]), (steps[after], curve[after])
+    return v0 + (v1 - v0) * (done - s0) / (s1 - s0)
 
 
 def beats_at_equal_time(iterative: Sequence[float], optimizers: dict[str, Sequence[float]],
                         timings: dict[str, dict[str, float]], *, grid: int = 400,
-                        candidate: str = "iterative") -> tuple[bool, list[float]]:
+                        candidate: str = "iterative", steps: Sequence[int] | None = None) -> tuple[bool, list[float]]:
     """Whether the ``candidate``'s curve (``iterative``, timed as ``timings[candidate]``) is strictly above every
-    optimizer curve at every budget of the grid, up to the longest optimizer run; returns (wins, [first, last])."""
+    optimizer curve at every budget of the grid, up to the longest optimizer run; returns (wins, [first, last]).
+    With ``steps``, every curve holds the values at those checkpoint steps (see :func:`value_at`)."""
     it = timings[candidate]
-    horizon = max(timings[n]["t0_s"] + (len(c) - 1) * timings[n]["step_s"] for n, c in optimizers.items())
+    last = (lambda c: len(c) - 1) if steps is None else (lambda c: steps[len(c) - 1])
+    horizon = max(timings[n]["t0_s"] + last(c) * timings[n]["step_s"] for n, c in optimizers.items())
     first = it["t0_s"] + it["step_s"]
     budgets = [first + (horizon - first) * i / (grid - 1) for i in range(grid)] if horizon > first else [first]
-    wins = all(value_at(iterative, it, b) > value_at(curve, timings[n], b)
+    wins = all(value_at(iterative, it, b, steps) > value_at(curve, timings[n], b, steps)
                for b in budgets for n, curve in optimizers.items())
     return wins, [first, horizon]

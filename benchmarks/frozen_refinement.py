@@ -16,8 +16,11 @@ Measured on the first ``--test-size`` test images, every final ELBO with ``--elb
 * ``gap_nats``: best of an lr grid of ``--estep-steps``-step Adam E-steps from the encoder minus the encoder;
 * ``gap_closed_T5`` / ``gap_closed_T20`` per init: (ELBO after T learned steps − encoder) / gap;
 * ``elbo_by_steps`` per init: the mean ELBO after T = 0, 1, 2, 5, 10, 20, 50, 200 learned steps;
-* ELBO versus seconds against the best-lr SGD, momentum, RMSProp and Adam E-steps from the encoder (one-sample
-  curves on common noise; per-step cost timed interleaved in one process, medians), and
+* ``elbo_by_steps_last_iterate``: the same with ``averaging=None`` (the last iterate instead of the default
+  running average of the iterates after the trained steps);
+* ELBO versus seconds against the best-lr SGD, momentum, RMSProp and Adam E-steps from the encoder (the estimate
+  each method returns, scored at checkpoint steps with ``--curve-samples`` samples on the same evaluation noise for
+  all; per-step cost timed interleaved in one process, medians; linear interpolation between checkpoints), and
   ``beats_best_optimizer_at_equal_time``: ahead at every budget up to the time of ``--estep-steps`` Adam steps;
 * the same per second with one sample per step at test time (the same trained optimizer; its step then costs
   about what an E-step does): ``one_sample_at_test_time`` per init.
@@ -47,13 +50,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from learned_inference import GradientEStep, IterativeInferenceOptimizer, StandardEncoder
+from learned_inference import GradientEStep, IterateAveraging, IterativeInferenceOptimizer, StandardEncoder
 from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
 from learned_inference.evaluation import elbo_estimate
 from learned_inference.model import DecoderModel
 from learned_inference.zoo import bernoulli_vae
 
 STEPS = (0, 1, 2, 5, 10, 20, 50, 200)
+
+
+def checkpoints(max_steps: int) -> list[int]:
+    """The steps at which the ELBO-versus-time curves are scored: every step to 20, every 5th to 100, then every
+    10th (and ``max_steps``)."""
+    steps = {*range(0, 21), *range(20, 101, 5), *range(100, max_steps + 1, 10), max_steps}
+    return sorted(t for t in steps if t <= max_steps)
+
 #: the configurations measured, by init: the library's defaults otherwise
 CONFIGS: dict[str, dict[str, Any]] = {"encoder": {"init": "encoder"}, "prior": {"init": "prior"}}
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any], tuple[float, ...]]] = {
@@ -71,6 +82,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elbo-samples", type=int, default=100)
     parser.add_argument("--estep-steps", type=int, default=500)
     parser.add_argument("--timing-repeats", type=int, default=5)
+    parser.add_argument("--curve-samples", type=int, default=10,
+                        help="samples of the ELBO at every checkpoint of the ELBO-versus-time curves (common noise)")
 
 
 def load_data(args: argparse.Namespace) -> tuple[Tensor, Tensor, Any]:
@@ -140,6 +153,17 @@ def elbo_by_steps(args: argparse.Namespace, model: DecoderModel, method: Any, x:
     return out
 
 
+def estimate_curve(args: argparse.Namespace, model: DecoderModel, method: Any, x: Tensor, *, noise: Tensor,
+                   steps: list[int]) -> list[float]:
+    """The mean ``--curve-samples``-sample ELBO (the same evaluation noise for every method and step) of the
+    estimate ``method`` returns after each of ``steps``: its iterate, or its running average where it averages."""
+    run = method.infer(x, num_steps=steps[-1], noise=noise, record_params=True)
+    estimates = (run.trajectory if method.averaging is None
+                 else method.averaging.starting_at(method.num_steps).running(run.trajectory))
+    return [mean_elbo(model, method.family.distribution(estimates[t]), x, samples=args.curve_samples,
+                      seed=args.seed + 4) for t in steps]
+
+
 def e_step_grid(args: argparse.Namespace, model: DecoderModel, x: Tensor, noise: Tensor) -> dict[str, Any]:
     """Every optimizer × lr from the encoder on common noise: one-sample ELBO curves, and the final many-sample
     ELBO of each; the best lr per optimizer by that final ELBO."""
@@ -159,19 +183,18 @@ def e_step_grid(args: argparse.Namespace, model: DecoderModel, x: Tensor, noise:
 
 
 def plot(args: argparse.Namespace, curves: dict[str, list[float]], timings: dict[str, dict[str, float]],
-         encoder: float) -> list[str]:
+         encoder: float, steps: list[int]) -> list[str]:
     plt = common.pyplot()
     files = []
     for axis in ("steps", "seconds"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, curve in curves.items():
             t = timings[name]
-            xs = (list(range(len(curve))) if axis == "steps"
-                  else [t["t0_s"] + i * t["step_s"] for i in range(len(curve))])
+            xs = steps if axis == "steps" else [t["t0_s"] + i * t["step_s"] for i in steps]
             ax.plot(xs, curve, label=name)
         ax.axhline(encoder, color="grey", linestyle="--", label="encoder")
         ax.set(xscale="symlog" if axis == "steps" else "log", xlabel="inference steps" if axis == "steps" else
-               "seconds", ylabel="test ELBO (nats, one sample per step, mean)",
+               "seconds", ylabel=f"test ELBO (nats, mean of {args.curve_samples}-sample estimates)",
                title=f"Frozen VAE ({args.dataset}): ELBO vs {axis}")
         ax.set_ylim(bottom=encoder - 3)
         ax.legend(fontsize=7)
@@ -202,40 +225,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods: dict[str, Any] = {f"{name} (lr {g['best_lr']})": GradientEStep(
         model, latent_dim=64, optimizer=OPTIMIZERS[name][0], optimizer_options=OPTIMIZERS[name][1],
         lr=g["best_lr"], init="encoder") for name, g in grid.items()}
-    curves = {label: grid[label.split(" ")[0]]["runs"][str(grid[label.split(" ")[0]]["best_lr"])]["curve"]
-              for label in methods}
+    steps = checkpoints(max_steps)
+    curves = {label: estimate_curve(args, model, method, x, noise=noise[: steps[-1] + 1], steps=steps)
+              for label, method in methods.items()}
+    adam = methods[next(label for label in methods if label.startswith("adam"))]
+    averaged_adam = copy.deepcopy(adam)
+    averaged_adam.averaging = IterateAveraging(start=5)
+    adam_averaged_final = mean_elbo(model, averaged_adam.infer(x, num_steps=args.estep_steps,
+                                                               noise=noise[: args.estep_steps + 1]).posterior,
+                                    x, samples=args.elbo_samples, seed=args.seed + 2)
     for init in CONFIGS:
         inference, training = train_optimizer(args, model, train, transform, init=init, budget_s=vae_seconds / 2)
         by_steps = elbo_by_steps(args, model, inference, x)
+        last_iterate = copy.deepcopy(inference)
+        last_iterate.averaging = None
         later = [by_steps[t] for t in STEPS if t >= 10]
         per_init[init] = {
-            "elbo_by_steps": by_steps, "training_seconds": sum(training["seconds"]),
-            "training_epochs": len(training["seconds"]),
+            "elbo_by_steps": by_steps, "elbo_by_steps_last_iterate": elbo_by_steps(args, model, last_iterate, x),
+            "training_seconds": sum(training["seconds"]), "training_epochs": len(training["seconds"]),
             "gap_closed_T5": (by_steps[5] - encoder) / gap, "gap_closed_T20": (by_steps[20] - encoder) / gap,
             "more_steps_never_hurt": min(later) >= by_steps[5] - 0.05 and min(by_steps.values()) >= by_steps[0],
         }
         paired = noise if inference.num_samples == 1 else torch.cat([noise, -noise], 1)  # its antithetic pairs
-        run = inference.infer(x, num_steps=max_steps, noise=paired)
         methods[f"learned ({init})"] = inference
-        curves[f"learned ({init})"] = run.elbo.mean(1).tolist()
+        curves[f"learned ({init})"] = estimate_curve(args, model, inference, x, noise=paired[: steps[-1] + 1],
+                                                     steps=steps)
         one_sample = copy.deepcopy(inference)
         one_sample.num_samples, one_sample.antithetic = 1, False
         methods[f"learned ({init}, one sample)"] = one_sample
-        curves[f"learned ({init}, one sample)"] = one_sample.infer(x, num_steps=max_steps,
-                                                                  noise=noise).elbo.mean(1).tolist()
+        curves[f"learned ({init}, one sample)"] = estimate_curve(args, model, one_sample, x,
+                                                                 noise=noise[: steps[-1] + 1], steps=steps)
     timings = common.time_methods(methods, x, steps=20, repeats=args.timing_repeats)
     optimizer_curves = {label: curve for label, curve in curves.items() if not label.startswith("learned")}
     for init in CONFIGS:
         beats, window = common.beats_at_equal_time(curves[f"learned ({init})"], optimizer_curves, timings,
-                                                   candidate=f"learned ({init})")
+                                                   candidate=f"learned ({init})", steps=steps)
         per_init[init]["beats_best_optimizer_at_equal_time"] = beats
         per_init[init]["equal_time_window_s"] = window
         label = f"learned ({init}, one sample)"
-        beats, window = common.beats_at_equal_time(curves[label], optimizer_curves, timings, candidate=label)
+        beats, window = common.beats_at_equal_time(curves[label], optimizer_curves, timings, candidate=label,
+                                                   steps=steps)
         per_init[init]["one_sample_at_test_time"] = {
             "beats_best_optimizer_at_equal_time": beats, "equal_time_window_s": window,
-            "elbo_by_steps_one_sample_curve": {t: curves[label][t] for t in STEPS if t < len(curves[label])}}
-    plots = plot(args, curves, timings, encoder)
+            "elbo_by_steps_curve": {t: curves[label][steps.index(t)] for t in STEPS if t in steps}}
+    plots = plot(args, curves, timings, encoder, steps)
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "gap_closed_T5": per_init["encoder"]["gap_closed_T5"], "gap_closed_T20": per_init["encoder"]["gap_closed_T20"],
@@ -243,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vae_training_seconds": vae_seconds, "encoder_elbo": encoder, "best_estep": grid["adam"]["best_lr"],
         "best_estep_elbo": converged, "gap_nats": gap, "per_init": per_init, "timings": timings,
         "e_steps": {name: {"best_lr": g["best_lr"], "best_final": g["best_final"]} for name, g in grid.items()},
-        "curves": curves, "configs": CONFIGS, "defaults": repr(IterativeInferenceOptimizer(model, latent_dim=64)),
+        "curve_steps": steps, "curves": curves, "adam_best_lr_averaged_from_step_5": adam_averaged_final,
+        "configs": CONFIGS, "defaults": repr(IterativeInferenceOptimizer(model, latent_dim=64)),
     }
     rows = [[init, *[r["elbo_by_steps"][t] for t in STEPS], r["gap_closed_T5"], r["gap_closed_T20"],
              r["more_steps_never_hurt"], r["beats_best_optimizer_at_equal_time"], r["training_seconds"]]
@@ -253,11 +287,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{len(x)} test images, final ELBOs with {args.elbo_samples} samples. Encoder {encoder:.2f} nats; best "
         f"{args.estep_steps}-step Adam E-step {converged:.2f} (lr {grid['adam']['best_lr']}): gap {gap:.2f} nats. "
         "Optimizers: the library's default options (update 'gated_then_natural_gradient', an antithetic pair of "
-        "samples per step, T = 5 training steps), from the encoder and from the prior.",
+        "samples per step, T = 5 training steps; beyond step 5 the run returns the polynomial-decay average of its "
+        "iterates, `IterateAveraging()`), from the encoder and from the prior.",
         "",
         *common.table(["init", *[f"T={t}" for t in STEPS], "gap closed T5", "gap closed T20", "more steps never hurt",
                        "ahead at equal time", "training s"], rows),
         "",
+        "The last iterate instead (`averaging=None`): " + "; ".join(
+            f"{init} " + ", ".join(f"T={t} {r['elbo_by_steps_last_iterate'][t]:.2f}" for t in STEPS if t >= 10)
+            for init, r in per_init.items()) + f". The same averaging (from step 5) on the best Adam run ends at "
+        f"{adam_averaged_final:.2f} (its last iterate: {grid['adam']['best_final']:.2f}).",
         "Best-lr E-steps from the encoder (final ELBO after the full run): "
         + ", ".join(f"{name} lr {g['best_lr']}: {g['best_final']:.2f}" for name, g in grid.items()) + ".",
         "Per-step cost (median, s): " + ", ".join(f"{n} {t['step_s']:.4f}" for n, t in timings.items()) + ".",
