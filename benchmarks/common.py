@@ -42,9 +42,12 @@ __all__ = [
     "History",
     "beats_at_equal_time",
     "checkpoint_file",
+    "checkpoints",
+    "estimate_curve",
     "importance_scores",
     "load_mnist_subsets",
     "make_method",
+    "mean_elbo",
     "median_iqr",
     "metadata",
     "parse_args",
@@ -318,6 +321,35 @@ def importance_scores(model: Any, method: InferenceMethod, x: Tensor, *, num_ste
             elbo_estimate(model, posterior, x, num_samples=samples, chunk_size=chunk))
 
 
+@torch.no_grad()
+def mean_elbo(model: Any, posterior: Any, x: Tensor, *, samples: int, seed: int) -> float:
+    """The mean over ``x`` of ``samples``-sample ELBOs of ``posterior`` (seeded: the same noise for posteriors of the
+    same shape)."""
+    from learned_inference.evaluation import elbo_estimate
+
+    torch.manual_seed(seed)
+    return elbo_estimate(model, posterior, x, num_samples=samples, chunk_size=min(samples, 50)).mean().item()
+
+
+def checkpoints(max_steps: int) -> list[int]:
+    """The steps at which ELBO-versus-time curves are scored: every step to 20, every 5th to 100, then every 10th
+    (and ``max_steps``)."""
+    steps = {*range(0, 21), *range(20, 101, 5), *range(100, max_steps + 1, 10), max_steps}
+    return sorted(t for t in steps if t <= max_steps)
+
+
+def estimate_curve(model: Any, method: InferenceMethod, x: Tensor, *, noise: Tensor, steps: Sequence[int],
+                   samples: int, seed: int) -> list[float]:
+    """The mean ``samples``-sample ELBO (seeded: the same evaluation noise for every method and step) of the
+    estimate ``method`` returns after each of ``steps`` (one run on ``noise``): its iterate, or its running average
+    of the iterates where it averages (:class:`~learned_inference.engine.IterateAveraging`)."""
+    run = method.infer(x, num_steps=steps[-1], noise=noise, record_params=True)
+    assert run.trajectory is not None
+    estimates = (run.trajectory if method.averaging is None
+                 else method.averaging.starting_at(method.num_steps).running(run.trajectory))
+    return [mean_elbo(model, method.family.distribution(estimates[t]), x, samples=samples, seed=seed) for t in steps]
+
+
 def time_methods(methods: dict[str, InferenceMethod], x: Tensor, *, steps: int, repeats: int) -> dict[str, dict]:
     """Interleaved timing of ``infer`` with 0 and ``steps`` steps: medians of t0 and of the per-step time."""
     samples: dict[str, dict[str, list[float]]] = {name: {"t0": [], "step": []} for name in methods}
@@ -341,7 +373,7 @@ def value_at(curve: Sequence[float], timing: dict[str, float], budget: float,
              steps: Sequence[int] | None = None) -> float:
     """The ELBO reached within ``budget`` seconds (-inf before the start is done): of the last step completed for a
     curve with a value per step, linearly interpolated between the checkpoint steps ``steps`` where given (the
-    curve's values are at those steps, the first one 0)."""
+    curve's values are at the first ``len(curve)`` of those steps, the first one 0)."""
     if budget < timing["t0_s"]:
         return float("-inf")
     if timing["step_s"] <= 0:
@@ -349,6 +381,7 @@ def value_at(curve: Sequence[float], timing: dict[str, float], budget: float,
     done = (budget - timing["t0_s"]) / timing["step_s"]
     if steps is None:
         return curve[min(int(done), len(curve) - 1)]
+    steps = steps[: len(curve)]
     if done >= steps[-1]:
         return curve[-1]
     after = bisect.bisect_right(steps, done)

@@ -52,18 +52,11 @@ import common
 
 from learned_inference import GradientEStep, IterateAveraging, IterativeInferenceOptimizer, StandardEncoder
 from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
-from learned_inference.evaluation import elbo_estimate
 from learned_inference.model import DecoderModel
 from learned_inference.zoo import bernoulli_vae
 
 STEPS = (0, 1, 2, 5, 10, 20, 50, 200)
 
-
-def checkpoints(max_steps: int) -> list[int]:
-    """The steps at which the ELBO-versus-time curves are scored: every step to 20, every 5th to 100, then every
-    10th (and ``max_steps``)."""
-    steps = {*range(0, 21), *range(20, 101, 5), *range(100, max_steps + 1, 10), max_steps}
-    return sorted(t for t in steps if t <= max_steps)
 
 #: the configurations measured, by init: the library's defaults otherwise
 CONFIGS: dict[str, dict[str, Any]] = {"encoder": {"init": "encoder"}, "prior": {"init": "prior"}}
@@ -136,32 +129,14 @@ def train_optimizer(
         epochs += 1
 
 
-@torch.no_grad()
-def mean_elbo(model: DecoderModel, posterior: Any, x: Tensor, *, samples: int, seed: int) -> float:
-    """The mean over ``x`` of ``samples``-sample ELBOs of ``posterior`` (seeded)."""
-    torch.manual_seed(seed)
-    return elbo_estimate(model, posterior, x, num_samples=samples, chunk_size=min(samples, 50)).mean().item()
-
-
 def elbo_by_steps(args: argparse.Namespace, model: DecoderModel, method: Any, x: Tensor) -> dict[int, float]:
     """The mean ``--elbo-samples``-sample ELBO after T steps, for every T in :data:`STEPS` (one seeded run per T)."""
     out = {}
     for steps in STEPS:
         torch.manual_seed(args.seed + 1)
-        out[steps] = mean_elbo(model, method.infer(x, num_steps=steps).posterior, x, samples=args.elbo_samples,
-                               seed=args.seed + 2)
+        posterior = method.infer(x, num_steps=steps).posterior
+        out[steps] = common.mean_elbo(model, posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
     return out
-
-
-def estimate_curve(args: argparse.Namespace, model: DecoderModel, method: Any, x: Tensor, *, noise: Tensor,
-                   steps: list[int]) -> list[float]:
-    """The mean ``--curve-samples``-sample ELBO (the same evaluation noise for every method and step) of the
-    estimate ``method`` returns after each of ``steps``: its iterate, or its running average where it averages."""
-    run = method.infer(x, num_steps=steps[-1], noise=noise, record_params=True)
-    estimates = (run.trajectory if method.averaging is None
-                 else method.averaging.starting_at(method.num_steps).running(run.trajectory))
-    return [mean_elbo(model, method.family.distribution(estimates[t]), x, samples=args.curve_samples,
-                      seed=args.seed + 4) for t in steps]
 
 
 def e_step_grid(args: argparse.Namespace, model: DecoderModel, x: Tensor, noise: Tensor) -> dict[str, Any]:
@@ -174,7 +149,7 @@ def e_step_grid(args: argparse.Namespace, model: DecoderModel, x: Tensor, noise:
             e_step = GradientEStep(model, latent_dim=64, optimizer=cls, lr=lr, optimizer_options=options,
                                    num_steps=args.estep_steps, init="encoder")
             result = e_step.infer(x, noise=noise)
-            final = mean_elbo(model, result.posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
+            final = common.mean_elbo(model, result.posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
             runs[str(lr)] = {"curve": result.elbo.mean(1).nan_to_num(nan=-1e30, neginf=-1e30).tolist(),
                              "final": final if final == final else -1e30}
         best = max(runs, key=lambda lr: runs[lr]["final"])
@@ -215,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = test[: args.test_size]
     model, vae_seconds = train_vae(args, train, transform)
     encoder_method = StandardEncoder(model, latent_dim=64)
-    encoder = mean_elbo(model, encoder_method.infer(x).posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
+    encoder = common.mean_elbo(model, encoder_method.infer(x).posterior, x, samples=args.elbo_samples,
+                               seed=args.seed + 2)
     max_steps = max(args.estep_steps, max(STEPS))
     noise = torch.randn(max_steps + 1, 1, len(x), 64, generator=torch.Generator().manual_seed(args.seed + 3))
     grid = e_step_grid(args, model, x, noise[: args.estep_steps + 1])
@@ -225,15 +201,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods: dict[str, Any] = {f"{name} (lr {g['best_lr']})": GradientEStep(
         model, latent_dim=64, optimizer=OPTIMIZERS[name][0], optimizer_options=OPTIMIZERS[name][1],
         lr=g["best_lr"], init="encoder") for name, g in grid.items()}
-    steps = checkpoints(max_steps)
-    curves = {label: estimate_curve(args, model, method, x, noise=noise[: steps[-1] + 1], steps=steps)
+    steps = common.checkpoints(max_steps)
+    curves = {label: common.estimate_curve(model, method, x, noise=noise[: steps[-1] + 1], steps=steps,
+                                           samples=args.curve_samples, seed=args.seed + 4)
               for label, method in methods.items()}
     adam = methods[next(label for label in methods if label.startswith("adam"))]
     averaged_adam = copy.deepcopy(adam)
     averaged_adam.averaging = IterateAveraging(start=5)
-    adam_averaged_final = mean_elbo(model, averaged_adam.infer(x, num_steps=args.estep_steps,
-                                                               noise=noise[: args.estep_steps + 1]).posterior,
-                                    x, samples=args.elbo_samples, seed=args.seed + 2)
+    averaged_run = averaged_adam.infer(x, num_steps=args.estep_steps, noise=noise[: args.estep_steps + 1])
+    averaged_posterior = averaged_run.posterior
+    adam_averaged_final = common.mean_elbo(model, averaged_posterior, x, samples=args.elbo_samples, seed=args.seed + 2)
     for init in CONFIGS:
         inference, training = train_optimizer(args, model, train, transform, init=init, budget_s=vae_seconds / 2)
         by_steps = elbo_by_steps(args, model, inference, x)
@@ -248,13 +225,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         paired = noise if inference.num_samples == 1 else torch.cat([noise, -noise], 1)  # its antithetic pairs
         methods[f"learned ({init})"] = inference
-        curves[f"learned ({init})"] = estimate_curve(args, model, inference, x, noise=paired[: steps[-1] + 1],
-                                                     steps=steps)
+        curves[f"learned ({init})"] = common.estimate_curve(model, inference, x, noise=paired[: steps[-1] + 1],
+                                                            steps=steps, samples=args.curve_samples,
+                                                            seed=args.seed + 4)
         one_sample = copy.deepcopy(inference)
         one_sample.num_samples, one_sample.antithetic = 1, False
         methods[f"learned ({init}, one sample)"] = one_sample
-        curves[f"learned ({init}, one sample)"] = estimate_curve(args, model, one_sample, x,
-                                                                 noise=noise[: steps[-1] + 1], steps=steps)
+        curves[f"learned ({init}, one sample)"] = common.estimate_curve(
+            model, one_sample, x, noise=noise[: steps[-1] + 1], steps=steps, samples=args.curve_samples,
+            seed=args.seed + 4)
     timings = common.time_methods(methods, x, steps=20, repeats=args.timing_repeats)
     optimizer_curves = {label: curve for label, curve in curves.items() if not label.startswith("learned")}
     for init in CONFIGS:
