@@ -52,6 +52,33 @@ def test_global_only_model_is_guided_like_autonormal():
     assert not any(name.startswith("network") for name, _ in guide.named_parameters())
 
 
+def test_plate_of_latents_without_data_is_fit_per_element_and_serializes_with_jit():
+    """A plate whose latent sites see no observation has nothing to amortize over: its sites get AutoNormal's
+    per-element parameters (an encoder would give every element the same posterior), so the traced guide holds
+    no refinement step and saves with ``torch.jit.save``."""
+
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+        with pyro.plate("plate", 2):
+            pyro.sample("y", dist.LogNormal(0.0, 1.0))
+
+    guide = AutoIterativeNormal(model, **SMALL)
+    guide()
+    assert guide.locs.y.shape == (2,) and guide.scales.y.shape == (2,)
+    assert not any(name.startswith("network") for name, _ in guide.named_parameters())
+    pyro.set_rng_seed(0)
+    expected = guide.call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace_module(guide, {"call": ()}, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    pyro.set_rng_seed(0)
+    for actual, value in zip(torch.jit.load(buffer).call(), expected, strict=True):
+        torch.testing.assert_close(actual, value)
+
+
 def test_model_without_latents_gives_an_empty_dict():
     guide = AutoIterativeNormal(lambda x: pyro.sample("obs", dist.Normal(0.0, 1.0), obs=x), **SMALL)
     assert guide(torch.zeros(())) == {}

@@ -116,7 +116,9 @@ class AutoIterativeNormal(AutoGuide):
 
     Args:
         model: a Pyro model.
-        amortized_plates: the plate(s) of datapoints; detected when the latent sites sit in exactly one plate.
+        amortized_plates: the plate(s) of datapoints; detected when the latent sites sit in exactly one plate and
+            it holds an observed site (``obs=`` or ``pyro.factor``). A plate of latent sites without data has
+            nothing to amortize over: its sites are then fit per element by the internal AutoNormal.
         num_steps: refinement steps T; 0 for an encoder only (one learned step from λ_0 that reads the data and
             not the model's gradient: ``encoding="data"``, as :class:`AutoAmortizedNormal`).
         num_samples: reparameterized samples per refinement gradient.
@@ -212,7 +214,11 @@ class AutoIterativeNormal(AutoGuide):
                 if not frame.vectorized:
                     raise NotImplementedError("AutoIterativeNormal does not support sequential pyro.plate")
                 self._prototype_frames[frame.name] = frame
-        plates = find_amortized_plates(self.prototype_trace, self.amortized_plates)
+        with torch.random.fork_rng(devices=[]):  # which plates hold data; the random stream is left as it was
+            full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
+        data_plates = set().union(*(site_plates(site) for site in full.nodes.values()
+                                    if site["type"] == "sample" and site["is_observed"]))
+        plates = find_amortized_plates(self.prototype_trace, self.amortized_plates, data_plates)
         self.layout: LocalLayout = local_layout(self.prototype_trace, plates)
         global_names = [
             name for name, _ in self.prototype_trace.iter_stochastic_nodes()

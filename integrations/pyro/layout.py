@@ -104,15 +104,20 @@ def check_continuous(trace: Trace) -> None:
             )
 
 
-def find_amortized_plates(trace: Trace, amortized_plates: str | Sequence[str] | None) -> tuple[str, ...]:
+def find_amortized_plates(trace: Trace, amortized_plates: str | Sequence[str] | None,
+                          data_plates: set[str] | None = None) -> tuple[str, ...]:
     """The plates to amortize over: the one plate the latent sites sit in, or the names given.
 
     Args:
         trace: a prototype trace holding the model's latent sites only.
         amortized_plates: a plate name, a sequence of them, or None to detect the single plate.
+        data_plates: when detecting, the plates that hold an observed site (``obs=`` or ``pyro.factor``): a plate
+            of latent sites without one has no data to amortize over (an encoder would give every element the
+            same posterior), so its sites are fit per element like ``AutoNormal``'s. None: every plate counts.
 
     Returns:
-        The plate names; empty when detecting and no latent site sits in a plate (every latent site is global).
+        The plate names; empty when detecting and no latent site sits in a plate that holds data (every latent
+        site is then global).
     """
     used = set().union(*(site_plates(site) for _, site in trace.iter_stochastic_nodes()))
     if amortized_plates is None:
@@ -121,7 +126,7 @@ def find_amortized_plates(trace: Trace, amortized_plates: str | Sequence[str] | 
                 f"the latent sites sit in several plates {sorted(used)}, so the plate of datapoints is ambiguous: "
                 "name it, e.g. AutoIterativeNormal(model, amortized_plates=('data',))"
             )
-        return tuple(used)
+        return tuple(used if data_plates is None else used & data_plates)
     names = (amortized_plates,) if isinstance(amortized_plates, str) else tuple(amortized_plates)
     missing = [name for name in names if name not in used]
     if not names or missing:
