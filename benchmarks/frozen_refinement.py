@@ -171,7 +171,7 @@ def plot(args: argparse.Namespace, curves: dict[str, list[float]], timings: dict
         ax.set(xscale="symlog" if axis == "steps" else "log", xlabel="inference steps" if axis == "steps" else
                "seconds", ylabel=f"test ELBO (nats, mean of {args.curve_samples}-sample estimates)",
                title=f"Frozen VAE ({args.dataset}): ELBO vs {axis}")
-        ax.set_ylim(bottom=encoder - 3)
+        ax.set_ylim(bottom=encoder - 3, top=max(max(c) for c in curves.values()) + 0.5)
         ax.legend(fontsize=7)
         files.append(common.save_figure(args, fig, axis))
     return files
