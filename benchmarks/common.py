@@ -345,8 +345,7 @@ def estimate_curve(model: Any, method: InferenceMethod, x: Tensor, *, noise: Ten
     of the iterates where it averages (:class:`~learned_inference.engine.IterateAveraging`)."""
     run = method.infer(x, num_steps=steps[-1], noise=noise, record_params=True)
     assert run.trajectory is not None
-    estimates = (run.trajectory if method.averaging is None
-                 else method.averaging.starting_at(method.num_steps).running(run.trajectory))
+    estimates = method.estimates(run.trajectory)
     return [mean_elbo(model, method.family.distribution(estimates[t]), x, samples=samples, seed=seed) for t in steps]
 
 

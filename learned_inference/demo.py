@@ -52,7 +52,11 @@ def _evaluate(model: DecoderModel, method: InferenceMethod, x: Tensor, *, num_st
 
 def _step_curves(model: DecoderModel, inference: IterativeInferenceOptimizer, x: Tensor, steps: int) -> dict:
     """Mean test ELBO after each step: the learned optimizer and E-steps (best learning rate of a small grid)."""
-    curves = {"iterative": inference.infer(x, num_steps=steps).elbo.mean(1).tolist()}
+    trajectory = inference.infer(x, num_steps=steps, record_params=True).trajectory
+    assert trajectory is not None  # asked for
+    family = inference.family
+    curves = {"iterative": [elbo_estimate(model, family.distribution(params), x, num_samples=1).mean().item()
+                            for params in inference.estimates(trajectory)]}  # what a run of t steps returns
     for name, optimizer, rates in (("adam", torch.optim.Adam, (0.3, 0.1, 0.03)),
                                    ("sgd", torch.optim.SGD, (0.3, 0.1, 0.03))):
         runs = {lr: GradientEStep(model, latent_dim=inference.space.total_dim, optimizer=optimizer, lr=lr,

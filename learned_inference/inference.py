@@ -65,8 +65,7 @@ class InferenceResult:
             early, or where it was not finite).
         trajectory: the iterates λ_0, …, λ_T in the form of ``params`` when ``infer(..., record_params=True)``,
             else None. With iterate averaging, ``params`` is the average after the last step;
-            ``method.averaging.starting_at(method.num_steps).running(trajectory)`` gives the estimate after every
-            step.
+            ``method.estimates(trajectory)`` gives the estimate after every step.
     """
 
     params: dict[str, Any]
@@ -213,6 +212,14 @@ class InferenceMethod(nn.Module):
         stopping = None if tol is None and not keep_best else Stopping(tol=tol, patience=patience, keep_best=keep_best)
         return self._refine(x, steps, train=False, init_params=init_params, noise=noise, record_params=record_params,
                             stopping=stopping)
+
+    def estimates(self, trajectory: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The estimate this method returns after each step of a recorded run (``result.trajectory`` from
+        ``infer(..., record_params=True)``): the iterate λ_t, or with :attr:`averaging` the running average of the
+        iterates from its start on (:meth:`~learned_inference.engine.IterateAveraging.running`)."""
+        if self.averaging is None:
+            return list(trajectory)
+        return self.averaging.starting_at(self.num_steps).running(trajectory)
 
     def _refine(
         self, x: Tensor, num_steps: int, *, train: bool, init_params: dict[str, Any] | None, noise: Tensor | None,

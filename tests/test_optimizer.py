@@ -380,11 +380,13 @@ def test_default_averaging_starts_after_the_trained_steps():
     long = inference.infer(x, num_steps=4 * T, noise=noise, record_params=True)
     expected = IterateAveraging(start=T).running(long.trajectory)[-1]
     torch.testing.assert_close(long.params, expected, rtol=0, atol=0)
+    torch.testing.assert_close(inference.estimates(long.trajectory)[-1], expected, rtol=0, atol=0)
     assert not torch.equal(long.params["loc"], long.trajectory[-1]["loc"])
     short = inference.infer(x, num_steps=T, noise=noise[: T + 1])
     torch.testing.assert_close(short.params, long.trajectory[T], rtol=0, atol=0)
     inference.averaging = None
     last = inference.infer(x, num_steps=4 * T, noise=noise)
     torch.testing.assert_close(last.params, long.trajectory[-1], rtol=0, atol=0)
+    assert inference.estimates(long.trajectory)[-1] is long.trajectory[-1]
     with pytest.raises(TypeError, match="averaging must be an IterateAveraging or None"):
         IterativeInferenceOptimizer(inference.model, latent_dim=D, averaging="polyak")  # type: ignore[arg-type]
