@@ -202,10 +202,13 @@ def train_resumable(
     label: str,
     progress: bool,
     transform: Callable[..., Tensor] | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, list[float]]:
     """Trains ``method`` on ``forward(x).loss`` with Adam(``parameters``, ``lr``) for ``epochs`` epochs (epoch e
-    shuffles with seed ``seed + e``), saving ``modules``, the optimizer and the learning curves to ``checkpoint``
-    after every epoch and resuming from it when it exists; returns the curves (train ELBO, seconds per epoch).
+    shuffles with seed ``seed + e``; gradients clipped to ``max_grad_norm``), saving ``modules``, the optimizer and
+    the learning curves to ``checkpoint`` after every epoch and resuming from it when it exists; returns the curves
+    (train ELBO, seconds, median and largest gradient norm, per epoch; checkpoints written before the norms were
+    recorded lack them).
     The seconds of epochs run before a resume are those recorded then."""
     optim = torch.optim.Adam(parameters, lr=lr)
     history = History()
@@ -218,9 +221,9 @@ def train_resumable(
     bar = tqdm(range(start, epochs), desc=f"training {label}", disable=not progress, initial=start, total=epochs)
     for epoch in bar:
         epoch_history = fit(method, data, epochs=1, optimizer=optim, batch_size=batch_size, seed=seed + epoch,
-                            progress=False, transform=transform)
-        history.curves["train_elbo"].extend(epoch_history.train_elbo)
-        history.curves["seconds"].extend(epoch_history.seconds)
+                            progress=False, transform=transform, max_grad_norm=max_grad_norm)
+        for key in ("train_elbo", "seconds", "grad_norm", "grad_norm_max"):
+            history.curves.setdefault(key, []).extend(getattr(epoch_history, key))
         bar.set_postfix(train_elbo=f"{history.curves['train_elbo'][-1]:.2f}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, step=epoch + 1, **objects)
@@ -287,7 +290,7 @@ def make_method(
 def train_model(
     args: argparse.Namespace, model: torch.nn.Module, method: InferenceMethod, data: Tensor, *, label: str,
     config: Mapping[str, Any], epochs: int, batch_size: int, lr: float, train_model_parameters: bool = True,
-    transform: Callable[..., Tensor] | None = None,
+    transform: Callable[..., Tensor] | None = None, max_grad_norm: float | None = None,
 ) -> dict[str, list[float]]:
     """Trains ``method`` (and ``model`` unless ``train_model_parameters`` is False: a fixed decoder) with
     :func:`train_resumable`, checkpointed under ``--checkpoint-dir`` by ``label`` and a hash of ``config``."""
@@ -299,11 +302,11 @@ def train_model(
     if train_model_parameters:
         parameters = [*model.parameters(), *parameters]
     full_config = {**config, "label": label, "epochs_seed": args.seed, "batch_size": batch_size, "lr": lr,
-                   "num_examples": len(data)}
+                   "num_examples": len(data), **({} if max_grad_norm is None else {"max_grad_norm": max_grad_norm})}
     return train_resumable(
         method, data, parameters=parameters, modules={"model": model, "method": method}, epochs=epochs,
         batch_size=batch_size, lr=lr, seed=args.seed, label=label, progress=not args.quiet, transform=transform,
-        checkpoint=checkpoint_file(args, label, {**full_config, "epochs": None}),
+        max_grad_norm=max_grad_norm, checkpoint=checkpoint_file(args, label, {**full_config, "epochs": None}),
     )
 
 

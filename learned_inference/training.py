@@ -37,7 +37,10 @@ Example:
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -104,11 +107,19 @@ class FitHistory:
         seconds: wall-clock seconds of the epoch's training (validation excluded).
         validation_elbo: the mean final-step ELBO of ``method.infer`` on the validation data after the epoch;
             empty when ``fit`` had no validation data.
+        grad_norm: the median over the epoch's batches of the total gradient norm ‖∇_{θ,φ} loss‖₂ (over every
+            parameter the optimizer updates, before clipping).
+        grad_norm_max: its largest value in the epoch: a spike far above the median is where training may diverge
+            (see ``max_grad_norm``).
+        skipped_batches: batches whose gradient was not finite, whose optimizer step was skipped.
     """
 
     train_elbo: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     validation_elbo: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    grad_norm_max: list[float] = field(default_factory=list)
+    skipped_batches: list[int] = field(default_factory=list)
 
 
 def fit(
@@ -124,6 +135,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     label: str | None = None,
+    max_grad_norm: float | None = None,
 ) -> FitHistory:
     """Trains ``method`` and the user's model behind it (``method.model``) on ``method(x).loss``.
 
@@ -163,6 +175,14 @@ def fit(
             (``torch.manual_seed``).
         progress: show a progress bar over epochs with the latest train (and validation) ELBO.
         label: what the progress bar says is training (``"training <label>"``).
+        max_grad_norm: clip the total gradient norm over the optimizer's parameters to this value before each
+            step (``torch.nn.utils.clip_grad_norm_``); default: no clipping. A learned optimizer's loss sums the
+            ELBO at every refinement step, and one batch where a step overshoots can give a gradient orders of
+            magnitude above the usual (:attr:`FitHistory.grad_norm_max` shows it); clipping at a few times the
+            typical norm (:attr:`FitHistory.grad_norm`) keeps such a batch from undoing training. With Adam, a
+            clip that is always active only rescales every gradient alike, which Adam is nearly invariant to.
+            Whatever this option, a batch whose gradient is not finite is skipped (no optimizer step) with a
+            warning.
 
     Returns:
         A :class:`FitHistory` with one entry per epoch.
@@ -202,12 +222,17 @@ def fit(
     elif lr is not None:
         raise ValueError("lr sets the default Adam's learning rate; with an explicit optimizer, set the learning "
                          "rate on the optimizer instead")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a positive number or None (no clipping), got {max_grad_norm!r}")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     generators = {torch.device("cpu"): torch.Generator().manual_seed(seed)}
     history = FitHistory()
     bar = tqdm(range(epochs), desc="training" if label is None else f"training {label}", disable=not progress)
     for epoch in bar:
         start, total, count = time.perf_counter(), 0.0, 0  # total: a float64 tensor on the batches' device
+        norms: list[float] = []
         for x in batches(generators[torch.device("cpu")]):
             if transform is not None:
                 if x.device not in generators:
@@ -217,20 +242,51 @@ def fit(
             result = method(x)
             _check_trains(method, result.loss)
             result.loss.backward()
-            optimizer.step()
-            total = total + result.elbo[-1].detach().sum().double()  # no synchronisation per batch
+            norms.append(_clip_gradients(parameters, max_grad_norm))
+            if math.isfinite(norms[-1]):
+                optimizer.step()
+            total = total + result.elbo[-1].detach().sum().double()  # (the gradient norm synchronises once per batch)
             count += len(x)
         if count == 0:
             raise ValueError(f"data gave no batches in epoch {epoch + 1}; pass a tensor or a re-iterable (a "
                              "DataLoader, a list of batches), not a one-shot iterator")
         history.train_elbo.append(float(total) / count)
         history.seconds.append(time.perf_counter() - start)
+        _record_gradient_norms(history, norms, epoch)
         shown = {"train_elbo": f"{history.train_elbo[-1]:.2f}"}
         if validation is not None:
             history.validation_elbo.append(_validation_elbo(method, validation, batch_size, seed))
             shown["validation_elbo"] = f"{history.validation_elbo[-1]:.2f}"
         bar.set_postfix(shown)
     return history
+
+
+def _clip_gradients(parameters: list[Tensor], max_norm: float | None) -> float:
+    """The total gradient norm of ``parameters`` (those with a ``.grad``); scales the gradients to norm
+    ``max_norm`` when it is exceeded (and finite)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+                                                 for g in grads])).item()
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / norm)
+    return norm
+
+
+def _record_gradient_norms(history: FitHistory, norms: list[float], epoch: int) -> None:
+    """Appends the epoch's median and largest finite gradient norms and its skipped batches; warns about those."""
+    finite = [n for n in norms if math.isfinite(n)]
+    skipped = len(norms) - len(finite)
+    history.grad_norm.append(statistics.median(finite) if finite else math.nan)
+    history.grad_norm_max.append(max(finite) if finite else math.nan)
+    history.skipped_batches.append(skipped)
+    if skipped:
+        warnings.warn(f"epoch {epoch + 1}: {skipped} of {len(norms)} batches had a non-finite gradient and were "
+                      "skipped (no optimizer step). A model or method that overflows at some inputs: check the data "
+                      "of those batches, lower the learning rate, or clip the gradient norm (max_grad_norm=...)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _check_trains(method: nn.Module, loss: Tensor) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -87,6 +89,53 @@ def test_an_explicit_optimizer_is_used_and_only_its_parameters_change():
     # the model's parameters are not in the optimizer: unchanged
     assert all(torch.equal(b, a) for b, a in zip(model_before, _state(model), strict=True))
     assert all(not torch.equal(b, a) for b, a in zip(method_before, _state(inference), strict=True))
+
+
+def _one_sgd_step(max_grad_norm: float | None) -> tuple[float, float]:
+    """(norm of the parameter change, recorded gradient norm) after one full-batch SGD step with lr 1."""
+    data = _data(64)
+    model, inference = _build()
+    inference.infer(data[:2], num_steps=0)
+    before = torch.cat([p.flatten() for p in _state(model, inference)])
+    optimizer = torch.optim.SGD([*model.parameters(), *inference.parameters()], lr=1.0)
+    torch.manual_seed(3)
+    history = fit(inference, data, epochs=1, batch_size=64, optimizer=optimizer, max_grad_norm=max_grad_norm,
+                  progress=False)
+    after = torch.cat([p.flatten() for p in _state(model, inference)])
+    assert len(history.grad_norm) == len(history.grad_norm_max) == 1 and history.skipped_batches == [0]
+    assert history.grad_norm == history.grad_norm_max  # one batch: its norm is the median and the largest
+    return torch.linalg.vector_norm((after - before).double()).item(), history.grad_norm[0]
+
+
+def test_the_gradient_norm_is_recorded_and_max_grad_norm_clips_it():
+    step, norm = _one_sgd_step(None)  # SGD with lr 1 moves the parameters by exactly the gradient
+    assert step == pytest.approx(norm, rel=1e-4) and norm > 1e-2
+    clipped_step, norm_before_clipping = _one_sgd_step(1e-3)
+    assert norm_before_clipping == pytest.approx(norm, rel=1e-5)  # recorded before clipping
+    assert clipped_step == pytest.approx(1e-3, rel=1e-3)
+
+
+class _NonFiniteFirstBatch(nn.Module):
+    """A stand-in method whose loss w has gradient 1, except on its first batch, where the gradient is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        self.calls += 1
+        scale = torch.tensor(float("nan") if self.calls == 1 else 1.0)
+        return SimpleNamespace(loss=self.w * scale, elbo=x.new_zeros(1, len(x)))
+
+
+def test_a_batch_with_a_non_finite_gradient_is_skipped_with_a_warning():
+    method = _NonFiniteFirstBatch()
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
+    with pytest.warns(RuntimeWarning, match=r"epoch 1: 1 of 2 batches had a non-finite gradient and were skipped"):
+        history = fit(method, _data(8), epochs=1, batch_size=4, optimizer=optimizer, progress=False)
+    assert history.skipped_batches == [1] and history.grad_norm == [1.0]
+    assert method.w.item() == -0.5  # only the finite batch stepped: w = 0 - 0.5 · 1
 
 
 def test_an_iterable_of_batches_works_and_a_dataloader_matches_a_list():
@@ -196,6 +245,8 @@ def _good() -> dict:
         ({"lr": 0.0}, ValueError, "lr must be a positive number"),
         ({"lr": "0.1"}, ValueError, "lr must be a positive number"),
         ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be a positive number or None"),
+        ({"max_grad_norm": True}, ValueError, "max_grad_norm must be a positive number or None"),
         ({"method": lambda x: x}, TypeError, "method must be an inference method"),
     ],
 )
