@@ -12,7 +12,12 @@
    ``IterativeInferenceOptimizer`` of T = 5 steps versus one step of a standard VAE (``StandardEncoder`` on the
    model's encoder), paper-sized model (``zoo.bernoulli_vae``), the library's default options, batch 64 and 256,
    interleaved after a warm-up; ``train_step_ratio_T5_vs_standard`` is the ratio of the medians (by batch size),
-   ``train_step_ratio_T5_one_sample_vs_standard`` the same with one sample per ELBO, as the standard VAE uses.
+   ``train_step_ratio_T5_one_sample_vs_standard`` the same with one sample per ELBO, as the standard VAE uses,
+   and ``..._hidden_256`` with one sample and an update network of 256 units. Beside the seconds, the
+   matrix-multiply FLOPs of one step of each (``torch.utils.flop_counter.FlopCounterMode``; the optimizer's
+   elementwise update is not counted) and of the T + 1 λ-gradients alone (``train_step_flop_ratios``,
+   ``lambda_gradient_flop_ratios``, relative to the standard step): a time ratio at or below the FLOP ratio leaves
+   no overhead to cut, only arithmetic.
 3. Cost of a test-time step: one learned step versus one Adam E-step (``GradientEStep``, same number of samples),
    timed as (``infer`` with k steps − ``infer`` with 0 steps) / k, interleaved (``common.time_methods``); both
    refine from the model's encoder; ``test_step_ratio_vs_adam``.
@@ -83,19 +88,22 @@ def gradient_variants(*, hidden_size: int, latent_dim: int, batch_size: int, see
     return {"func": with_func, "autograd": with_autograd}
 
 
+TRAIN_VARIANTS = {"standard": {}, "iterative_T5": {}, "iterative_T5_one_sample": {"num_samples": 1},
+                  "iterative_T5_one_sample_hidden_256": {"num_samples": 1, "hidden_size": 256}}
+
+
 def training_steps(*, hidden_size: int, latent_dim: int, batch_size: int, seed: int) -> dict[str, Callable]:
-    """One optimizer step of a standard VAE and of joint training with a T = 5 learned optimizer: with the
-    defaults (``iterative_T5``, two samples per ELBO) and with one sample, as the standard VAE uses
-    (``iterative_T5_one_sample``)."""
+    """One optimizer step of a standard VAE and of joint training with a T = 5 learned optimizer
+    (:data:`TRAIN_VARIANTS`): with the defaults (``iterative_T5``, two samples per ELBO), with one sample, as the
+    standard VAE uses, and with one sample and a 256-unit update network."""
     steps: dict[str, Callable] = {}
     x = torch.bernoulli(torch.full((batch_size, 784), 0.13), generator=torch.Generator().manual_seed(seed))
-    for name in ("standard", "iterative_T5", "iterative_T5_one_sample"):
+    for name, options in TRAIN_VARIANTS.items():
         torch.manual_seed(seed)
         model = bernoulli_vae(latent_dim=latent_dim, hidden_size=hidden_size)
-        samples = {"num_samples": 1} if name == "iterative_T5_one_sample" else {}
         method = (StandardEncoder(model, latent_dim=latent_dim) if name == "standard" else
-                  IterativeInferenceOptimizer(model, latent_dim=latent_dim, num_steps=5, hidden_size=hidden_size,
-                                              data_shape=(784,), **samples))
+                  IterativeInferenceOptimizer(model, latent_dim=latent_dim, num_steps=5, data_shape=(784,),
+                                              **{"hidden_size": hidden_size, **options}))
         with torch.no_grad():
             model.encode(x[:2])
         optimizer = torch.optim.Adam([*model.parameters(), *method.parameters()], lr=1e-4)
@@ -107,6 +115,26 @@ def training_steps(*, hidden_size: int, latent_dim: int, batch_size: int, seed: 
 
         steps[name] = step
     return steps
+
+
+def matmul_flops(call: Callable[[], Any]) -> float:
+    """The matrix-multiply FLOPs of one ``call()`` (``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return float(counter.get_total_flops())
+
+
+def lambda_gradient_flops(*, hidden_size: int, latent_dim: int, batch_size: int, samples: int) -> float:
+    """FLOPs of one λ-gradient of the paper-sized model's ELBO with ``samples`` samples (no graph)."""
+    model = bernoulli_vae(latent_dim=latent_dim, hidden_size=hidden_size)
+    space = LatentSpace(latent_dim)
+    params = {"loc": torch.zeros(batch_size, latent_dim), "log_var": torch.zeros(batch_size, latent_dim)}
+    x, noise = torch.zeros(batch_size, 784), torch.randn(samples, batch_size, latent_dim)
+    with torch.no_grad():
+        return matmul_flops(lambda: elbo_and_grad(model, DiagonalGaussian(), params, x, noise, space=space,
+                                                  prior=prior_moments(model, space)))
 
 
 def test_step_costs(*, hidden_size: int, latent_dim: int, batch_size: int, seed: int, steps: int,
@@ -156,14 +184,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratio = statistics.median(times["func"]) / statistics.median(times["autograd"])
 
     train_ratios, one_sample_ratios, train_seconds = {}, {}, {}
+    time_ratios: dict[str, dict[str, float]] = {}
+    flop_ratios: dict[str, dict[str, float]] = {}
+    floor_ratios: dict[str, dict[str, float]] = {}
     for batch in s["train_batch_sizes"]:
         steps = training_steps(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"], batch_size=batch,
                                seed=args.seed)
+        flops = {name: matmul_flops(step) for name, step in steps.items()}
         train_times = time_interleaved(steps, warmup=3, repeats=s["train_repeats"])
         train_seconds[str(batch)] = {name: common.median_iqr(t) for name, t in train_times.items()}
         standard = statistics.median(train_times["standard"])
-        train_ratios[str(batch)] = statistics.median(train_times["iterative_T5"]) / standard
-        one_sample_ratios[str(batch)] = statistics.median(train_times["iterative_T5_one_sample"]) / standard
+        time_ratios[str(batch)] = {n: statistics.median(t) / standard for n, t in train_times.items()}
+        flop_ratios[str(batch)] = {n: f / flops["standard"] for n, f in flops.items()}
+        floor_ratios[str(batch)] = {
+            f"{samples}_sample": 6 * lambda_gradient_flops(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"],
+                                                           batch_size=batch, samples=samples) / flops["standard"]
+            for samples in (1, 2)}
+        train_ratios[str(batch)] = time_ratios[str(batch)]["iterative_T5"]
+        one_sample_ratios[str(batch)] = time_ratios[str(batch)]["iterative_T5_one_sample"]
     test_costs, test_samples = test_step_costs(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"],
                                  batch_size=s["batch_size"], seed=args.seed, steps=s["test_steps"],
                                  repeats=s["train_repeats"])
@@ -184,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_step_ratio_T5_vs_standard": train_ratios,
         "train_step_ratio_T5_one_sample_vs_standard": one_sample_ratios,
         "train_step_seconds": train_seconds,
+        "train_step_time_ratios": time_ratios,
+        "train_step_flop_ratios": flop_ratios,
+        "lambda_gradient_flop_ratios": floor_ratios,
         "test_step_ratio_vs_adam": test_ratio,
         "test_step_seconds": test_costs,
         "test_step_samples": test_samples,
@@ -217,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"- `peak_mem_ratio_T16_vs_T2` = **{mem_ratio:.3f}** (T=2: {statistics.median(memory[2]):.1f} MiB, "
         f"T=16: {statistics.median(memory[16]):.1f} MiB, median of {s['memory_repeats']}; method of "
         f"`benchmarks/memory.py`); target <= 1.1: **{'met' if mem_ratio <= 1.1 else 'not met'}**.",
+        "",
+        *common.table(["batch", "variant", "time / standard", "FLOPs / standard"],
+                      [(b, n, time_ratios[b][n], flop_ratios[b][n]) for b in time_ratios for n in time_ratios[b]]),
+        "",
+        "The T + 1 = 6 λ-gradients alone cost "
+        + ", ".join(f"{r['2_sample']:.2f} (two samples) and {r['1_sample']:.2f} (one sample) times the standard "
+                    f"step's FLOPs at batch {b}" for b, r in floor_ratios.items())
+        + ": a floor no implementation of the default options goes below.",
     ]
     common.write_results(args, result, title="Overhead of torch.func and of more inference steps", body=body,
                          started=started)
