@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pair_ratios = [fa / fb for fa, fb in zip(times["func"], times["autograd"], strict=True)]
     ratio = statistics.median(times["func"]) / statistics.median(times["autograd"])
 
-    train_ratios, one_sample_ratios, train_seconds = {}, {}, {}
+    train_seconds = {}
     time_ratios: dict[str, dict[str, float]] = {}
     flop_ratios: dict[str, dict[str, float]] = {}
     floor_ratios: dict[str, dict[str, float]] = {}
@@ -200,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{samples}_sample": 6 * lambda_gradient_flops(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"],
                                                            batch_size=batch, samples=samples) / flops["standard"]
             for samples in (1, 2)}
-        train_ratios[str(batch)] = time_ratios[str(batch)]["iterative_T5"]
-        one_sample_ratios[str(batch)] = time_ratios[str(batch)]["iterative_T5_one_sample"]
+    train_ratios = {b: r["iterative_T5"] for b, r in time_ratios.items()}
+    one_sample_ratios = {b: r["iterative_T5_one_sample"] for b, r in time_ratios.items()}
     test_costs, test_samples = test_step_costs(hidden_size=s["hidden_size"], latent_dim=s["latent_dim"],
                                  batch_size=s["batch_size"], seed=args.seed, steps=s["test_steps"],
                                  repeats=s["train_repeats"])

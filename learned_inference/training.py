@@ -242,10 +242,10 @@ def fit(
             result = method(x)
             _check_trains(method, result.loss)
             result.loss.backward()
-            norms.append(_clip_gradients(parameters, max_grad_norm))
-            if math.isfinite(norms[-1]):
+            norms.append(_clip_gradients(parameters, max_grad_norm))  # synchronises once per batch
+            if math.isfinite(norms[-1]):  # else the gradients are not finite: no step
                 optimizer.step()
-            total = total + result.elbo[-1].detach().sum().double()  # (the gradient norm synchronises once per batch)
+            total = total + result.elbo[-1].detach().sum().double()
             count += len(x)
         if count == 0:
             raise ValueError(f"data gave no batches in epoch {epoch + 1}; pass a tensor or a re-iterable (a "
@@ -262,17 +262,12 @@ def fit(
 
 
 def _clip_gradients(parameters: list[Tensor], max_norm: float | None) -> float:
-    """The total gradient norm of ``parameters`` (those with a ``.grad``); scales the gradients to norm
-    ``max_norm`` when it is exceeded (and finite)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    """The total gradient norm of ``parameters`` (those with a ``.grad``), before ``clip_grad_norm_`` scales the
+    gradients to norm ``max_norm`` where it is exceeded (no clipping for None)."""
+    grads = [p for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
-                                                 for g in grads])).item()
-    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / norm)
-    return norm
+    return nn.utils.clip_grad_norm_(grads, math.inf if max_norm is None else max_norm).item()
 
 
 def _record_gradient_norms(history: FitHistory, norms: list[float], epoch: int) -> None:
