@@ -142,6 +142,22 @@ def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, tes
             "amortization_gap": (converged - elbo).mean().item()}
 
 
+def cached_evaluation(args: argparse.Namespace, name: str, kind: str, model: Any, method: Any,
+                      test: Tensor) -> dict[str, float]:
+    """:func:`evaluate`, saved under ``--checkpoint-dir`` keyed by the trained method and the evaluation settings,
+    so that datasets evaluated by separate runs are assembled (and re-timed) by one run without recomputing."""
+    config = {"dataset": name, "kind": kind, "method": repr(method), "seed": args.seed,
+              **{key: getattr(args, key) for key in ("epochs", "refine_epochs", "train_size", "test_size",
+                                                     "iwae_samples", "estep_steps", "rme_barrier")}}
+    path = common.checkpoint_file(args, f"mixture-{name}-{kind}-evaluation", config)
+    if path.exists():
+        return dict(torch.load(path))
+    family = method.refiner.family if isinstance(method, RefineFrom) else method.family
+    values = evaluate(args, model, method, family, test)
+    torch.save(values, path)
+    return values
+
+
 def time_per_example(methods: dict[str, Any], x: Tensor, *, repeats: int) -> dict[str, float]:
     """Interleaved test-time inference: median seconds per example of ``infer(x)`` (one warm-up round)."""
     seconds: dict[str, list[float]] = {name: [] for name in methods}
@@ -186,8 +202,7 @@ def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
                            "inference_parameters": rows["rme"]["inference_parameters"] + count(refiner),
                            "decoder_parameters": rows["rme"]["decoder_parameters"]}
     for kind, (model, method) in trained.items():
-        family = method.refiner.family if isinstance(method, RefineFrom) else method.family
-        rows[kind].update(evaluate(args, model, method, family, test))
+        rows[kind].update(cached_evaluation(args, name, kind, model, method, test))
     timing = time_per_example({kind: method for kind, (_, method) in trained.items()}, test[:100],
                               repeats=args.timing_repeats)
     for kind, value in timing.items():
