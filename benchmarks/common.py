@@ -252,9 +252,10 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(args: argparse.Namespace, fig: Any, suffix: str) -> str:
-    """Saves ``fig`` as ``<out>/<name>_<suffix>.png`` and closes it; returns the file name."""
-    name = f"{args.name}_{suffix}.png"
+def save_figure(args: argparse.Namespace, fig: Any, suffix: str | None = None) -> str:
+    """Saves ``fig`` as ``<out>/<name>_<suffix>.png`` (``<out>/<name>.png`` without a suffix) and closes it;
+    returns the file name."""
+    name = f"{args.name}.png" if suffix is None else f"{args.name}_{suffix}.png"
     fig.tight_layout()
     fig.savefig(args.out / name, dpi=120)
     pyplot().close(fig)

@@ -16,8 +16,10 @@ set once with a fixed seed), every method trains its own copy of the paper's Ber
 Reported: test −log p(x) (IWAE, ``--iwae-samples`` on the first ``--test-size`` test images), ELBO (100 samples),
 the gap split (approximation gap = log p(x) − ELBO of a converged Adam E-step in the method's family; amortization
 gap = that E-step's ELBO − the method's), training seconds per example, test-time seconds per example
-(interleaved, median of ``--timing-repeats``), and parameter counts (inference and decoder). Resumable: training
-checkpoints under ``--checkpoint-dir``.
+(interleaved, median of ``--timing-repeats``), and parameter counts (inference and decoder); a figure of the gap
+split (``mixture_comparison.png``). Resumable: training checkpoints and each method's evaluation under
+``--checkpoint-dir``, so datasets may run in separate processes (``--datasets``) and one run with all of them
+assembles the results and re-times test-time inference (run that one on an otherwise idle machine).
 
 Run:
 
@@ -211,6 +213,29 @@ def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "rme_faster_than_semi_amortized": timing["rme"] < timing["semi_amortized"]}
 
 
+def plot_gaps(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """One panel a dataset, one bar a method: test −log p(x), then the approximation gap, then the amortization
+    gap, stacked (the bar ends at −ELBO)."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (name, data) in zip(axes[0], results.items(), strict=True):
+        kinds = list(data["rows"])
+        nll = [data["rows"][kind]["nll"] for kind in kinds]
+        approximation = [data["rows"][kind]["approximation_gap"] for kind in kinds]
+        amortization = [data["rows"][kind]["amortization_gap"] for kind in kinds]
+        ax.barh(kinds, nll, color="tab:blue", label="test -log p(x) (IWAE)")
+        ax.barh(kinds, approximation, left=nll, color="tab:orange", label="approximation gap")
+        ax.barh(kinds, amortization, left=[a + b for a, b in zip(nll, approximation, strict=True)],
+                color="tab:green", label="amortization gap")
+        ends = [a + b + c for a, b, c in zip(nll, approximation, amortization, strict=True)]
+        ax.set_xlim(min(nll) - 5, max(ends) + 2)
+        ax.invert_yaxis()
+        ax.set_xlabel("nats per image (bar end: -ELBO)")
+        ax.set_title(name)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    return common.save_figure(args, fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args("mixture_comparison", __doc__.splitlines()[0], argv=argv, extra=_options)
     started = common.setup(args)
@@ -237,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         body.append("")
     body.append(f"Settings: {settings}.")
     common.write_results(args, result, title="Mixture posteriors and RME on binarized images", body=body,
-                         started=started)
+                         started=started, plots=[plot_gaps(args, results)])
     return result
 
 

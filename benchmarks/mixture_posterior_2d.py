@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import parse_args, pyplot, setup, table, write_results
+from benchmarks.common import parse_args, pyplot, save_figure, setup, table, write_results
 from learned_inference import (
     GaussianMixture,
     GradientEStep,
@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("z₂ (latent dimension 2)")
     ax.set_title(f"Posterior of x = {X_SHOWN} under f(z) = (z₁², z₂), τ = {NOISE}")
     ax.legend(handles=handles, loc="lower left", fontsize=7)
-    fig.tight_layout()
-    plot = f"{args.name}.png"
-    fig.savefig(args.out / plot, dpi=120)
-    plt.close(fig)
+    plot = save_figure(args, fig)
     rows = [(name, value, log_px - value) for name, value in elbos.items()]
     write_results(args, {"x": X_SHOWN, "log_px": log_px, "elbo": elbos, "iterations": iterations,
                          "e_step_steps": E_STEPS, "rme_barrier": RME_BARRIER},
