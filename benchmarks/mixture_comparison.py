@@ -66,6 +66,9 @@ from learned_inference.zoo import bernoulli_vae
 LATENT = 64
 METHODS = ("standard", "mixture_encoder", "rme2", "rme", "semi_amortized", "iterative")
 DATASETS = ("binarized_mnist", "fashion_mnist")
+COMPARED = (("standard", "rme"), ("mixture_encoder", "rme"), ("rme", "rme_refined"), ("semi_amortized", "rme"),
+            ("standard", "iterative"))
+"""Pairs (a, b) whose paired difference in test -log p(x) is reported (the issue's claims, and the paper's)."""
 
 
 class RefineFrom(nn.Module):
@@ -128,8 +131,9 @@ def count(module: nn.Module | None) -> int:
 
 
 @torch.no_grad()
-def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, test: Tensor) -> dict[str, float]:
-    """IWAE −log p(x), ELBO, and the gap split against a converged Adam E-step in the method's family."""
+def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, test: Tensor) -> dict[str, Tensor]:
+    """Per test image: IWAE log p(x), the method's ELBO (100 samples) and the ELBO of a converged Adam E-step in
+    the method's family started from the method's λ (for the gap split)."""
     torch.manual_seed(args.seed)
     result = method.infer(test)
     chunk = min(args.iwae_samples, 100)
@@ -139,16 +143,14 @@ def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, tes
     e_step = GradientEStep(model, latent_dim=LATENT, family=family, lr=1e-2, num_steps=args.estep_steps,
                            num_samples=2)
     converged = elbo_estimate(model, e_step.infer(test, init_params=result.params).posterior, test, num_samples=100)
-    return {"nll": -log_px.mean().item(), "elbo": elbo.mean().item(),
-            "approximation_gap": (log_px - converged).mean().item(),
-            "amortization_gap": (converged - elbo).mean().item()}
+    return {"log_px": log_px, "elbo": elbo, "converged_elbo": converged}
 
 
 def cached_evaluation(args: argparse.Namespace, name: str, kind: str, model: Any, method: Any,
-                      test: Tensor) -> dict[str, float]:
+                      test: Tensor) -> dict[str, Tensor]:
     """:func:`evaluate`, saved under ``--checkpoint-dir`` keyed by the trained method and the evaluation settings,
     so that datasets evaluated by separate runs are assembled (and re-timed) by one run without recomputing."""
-    config = {"dataset": name, "kind": kind, "method": repr(method), "seed": args.seed,
+    config = {"dataset": name, "kind": kind, "method": repr(method), "seed": args.seed, "per_image": True,
               **{key: getattr(args, key) for key in ("epochs", "refine_epochs", "train_size", "test_size",
                                                      "iwae_samples", "estep_steps", "rme_barrier")}}
     path = common.checkpoint_file(args, f"mixture-{name}-{kind}-evaluation", config)
@@ -158,6 +160,25 @@ def cached_evaluation(args: argparse.Namespace, name: str, kind: str, model: Any
     values = evaluate(args, model, method, family, test)
     torch.save(values, path)
     return values
+
+
+def summary(values: dict[str, Tensor]) -> dict[str, float]:
+    """Test means: −log p(x) (with its standard error over images), ELBO, and the gap split."""
+    log_px, elbo, converged = values["log_px"], values["elbo"], values["converged_elbo"]
+    return {"nll": -log_px.mean().item(), "nll_sem": (log_px.std() / len(log_px) ** 0.5).item(),
+            "elbo": elbo.mean().item(), "approximation_gap": (log_px - converged).mean().item(),
+            "amortization_gap": (converged - elbo).mean().item()}
+
+
+def paired_differences(log_px: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """For each pair of :data:`COMPARED`, (a, b): mean over test images of −log p_a(x) − (−log p_b(x)) (positive:
+    b ahead) and its paired standard error."""
+    differences = {}
+    for a, b in COMPARED:
+        difference = log_px[b] - log_px[a]
+        differences[f"nll_{a}_minus_{b}"] = {"mean": difference.mean().item(),
+                                             "sem": (difference.std() / len(difference) ** 0.5).item()}
+    return differences
 
 
 def time_per_example(methods: dict[str, Any], x: Tensor, *, repeats: int) -> dict[str, float]:
@@ -203,13 +224,17 @@ def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
                            + sum(curves["seconds"]) / (len(curves["seconds"]) * len(train)),
                            "inference_parameters": rows["rme"]["inference_parameters"] + count(refiner),
                            "decoder_parameters": rows["rme"]["decoder_parameters"]}
+    log_px = {}
     for kind, (model, method) in trained.items():
-        rows[kind].update(cached_evaluation(args, name, kind, model, method, test))
+        values = cached_evaluation(args, name, kind, model, method, test)
+        rows[kind].update(summary(values))
+        log_px[kind] = values["log_px"]
     timing = time_per_example({kind: method for kind, (_, method) in trained.items()}, test[:100],
                               repeats=args.timing_repeats)
     for kind, value in timing.items():
         rows[kind]["test_s_per_example"] = value
     return {"rows": rows, **{f"nll_{kind}": row["nll"] for kind, row in rows.items()},
+            "paired_differences": paired_differences(log_px),
             "rme_faster_than_semi_amortized": timing["rme"] < timing["semi_amortized"]}
 
 
@@ -254,12 +279,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, data in results.items():
         body += [f"## {name}", ""]
         body += common.table(
-            ["method", "test -log p(x)", "ELBO", "approx. gap", "amort. gap", "train s/ex", "test s/ex",
+            ["method", "test -log p(x)", "± s.e.", "ELBO", "approx. gap", "amort. gap", "train s/ex", "test s/ex",
              "inference params", "decoder params"],
-            [(kind, r["nll"], r["elbo"], r["approximation_gap"], r["amortization_gap"],
+            [(kind, r["nll"], r["nll_sem"], r["elbo"], r["approximation_gap"], r["amortization_gap"],
               f"{r['train_s_per_example']:.2e}", f"{r['test_s_per_example']:.2e}", r["inference_parameters"],
               r["decoder_parameters"]) for kind, r in data["rows"].items()])
-        body.append("")
+        body += ["", *common.table(["paired difference in test -log p(x) (positive: second ahead)", "nats",
+                                    "± paired s.e."],
+                                   [(f"{key[4:].replace('_minus_', ' - ')}", d["mean"], d["sem"])
+                                    for key, d in data["paired_differences"].items()]), ""]
     body.append(f"Settings: {settings}.")
     common.write_results(args, result, title="Mixture posteriors and RME on binarized images", body=body,
                          started=started, plots=[plot_gaps(args, results)])
