@@ -94,8 +94,9 @@ def _surface_figure(args: argparse.Namespace, s: dict[str, Any], train: Tensor, 
                        epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], train_model_parameters=False)
     x = test[: s["examples"]]
     steps = s["trajectory_steps"]
-    noise = torch.randn(steps + 1, 1, len(x), 2, generator=torch.Generator().manual_seed(args.seed + 2))
-    estep = GradientEStep(model, latent_dim=2, optimizer=torch.optim.Adam, lr=s["estep_lr"])
+    samples = iterative.num_samples  # the E-step uses the same samples per step, so both follow the same noise
+    noise = torch.randn(steps + 1, samples, len(x), 2, generator=torch.Generator().manual_seed(args.seed + 2))
+    estep = GradientEStep(model, latent_dim=2, optimizer=torch.optim.Adam, lr=s["estep_lr"], num_samples=samples)
     paths = {"E-step (Adam)": trajectory(estep, x, noise, steps), "iterative": trajectory(iterative, x, noise, steps)}
     encoded = encoder.infer(x, num_steps=0).params["loc"]
     optimum = GradientEStep(model, latent_dim=2, optimizer=torch.optim.Adam, lr=0.05,
@@ -132,7 +133,8 @@ def _mnist64_figures(args: argparse.Namespace, test: Tensor, s: dict[str, Any]) 
     plt = common.pyplot()
     steps = s["reconstruction_steps"]
     x = test[:8]
-    noise = torch.randn(max(steps) + 1, 1, len(x), latent, generator=torch.Generator().manual_seed(args.seed + 4))
+    noise = torch.randn(max(steps) + 1, iterative.num_samples, len(x), latent,
+                        generator=torch.Generator().manual_seed(args.seed + 4))
     with torch.no_grad():
         means = [model.likelihood_mean(iterative.infer(x, num_steps=t, noise=noise[: t + 1]).params["loc"])
                  for t in steps]
