@@ -161,6 +161,7 @@ def _save_forever(path: str, net: torch.nn.Module, started) -> None:
     """Saves a large checkpoint again and again, on a slow disk (killed from outside)."""
     import learned_inference.checkpoint as checkpoint
 
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool: it hangs in the first save
     fsync = os.fsync
 
     def slow_fsync(fd: int) -> None:  # most of a save's time is then spent with its temporary file on disk
