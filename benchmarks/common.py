@@ -262,6 +262,11 @@ def save_figure(args: argparse.Namespace, fig: Any, suffix: str | None = None) -
     return name
 
 
+def standard_error(values: Tensor) -> float:
+    """Standard error of the mean of ``values`` (one per test example): sample standard deviation / √n."""
+    return (values.std() / len(values) ** 0.5).item()
+
+
 def median_iqr(values: Sequence[float]) -> dict[str, float]:
     """Median, quartiles and extremes of ``values``."""
     t = torch.tensor(list(values), dtype=torch.float64)

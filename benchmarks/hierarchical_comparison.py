@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log_px, elbo = common.importance_scores(model, method, test, samples=s["iw_samples"], seed=args.seed + 1,
                                                 num_steps=0 if kind == "standard" else s["num_steps"])
         nll[kind] = -log_px
-        metrics[kind] = {"nll": nll[kind].mean().item(), "nll_sem": (nll[kind].std() / len(log_px) ** 0.5).item(),
+        metrics[kind] = {"nll": nll[kind].mean().item(), "nll_sem": common.standard_error(nll[kind]),
                          "elbo": elbo.mean().item(), "train_elbo_last_epoch": learning[kind]["train_elbo"][-1],
                          "seconds_per_epoch": statistics.median(learning[kind]["seconds"]),
                          "grad_norm_median": statistics.median(learning[kind]["grad_norm"]),
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "nll_standard": nll_standard,
         "nll_iterative": nll_iterative,
         "nll_standard_minus_iterative": difference.mean().item(),
-        "nll_difference_sem_paired": (difference.std() / len(difference) ** 0.5).item(),
+        "nll_difference_sem_paired": common.standard_error(difference),
         "iterative_below_standard": nll_iterative < nll_standard,
         "models": metrics,
         "learning_curves": learning,

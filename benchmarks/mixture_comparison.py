@@ -167,7 +167,7 @@ def cached_evaluation(args: argparse.Namespace, name: str, kind: str, model: Any
 def summary(values: dict[str, Tensor]) -> dict[str, float]:
     """Test means: −log p(x) (with its standard error over images), ELBO, and the gap split."""
     log_px, elbo, converged = values["log_px"], values["elbo"], values["converged_elbo"]
-    return {"nll": -log_px.mean().item(), "nll_sem": (log_px.std() / len(log_px) ** 0.5).item(),
+    return {"nll": -log_px.mean().item(), "nll_sem": common.standard_error(log_px),
             "elbo": elbo.mean().item(), "approximation_gap": (log_px - converged).mean().item(),
             "amortization_gap": (converged - elbo).mean().item()}
 
@@ -179,7 +179,7 @@ def paired_differences(log_px: dict[str, Tensor]) -> dict[str, dict[str, float]]
     for a, b in COMPARED:
         difference = log_px[b] - log_px[a]
         differences[f"nll_{a}_minus_{b}"] = {"mean": difference.mean().item(),
-                                             "sem": (difference.std() / len(difference) ** 0.5).item()}
+                                             "sem": common.standard_error(difference)}
     return differences
 
 

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log_px, elbo = common.importance_scores(model, method, test, samples=s["iw_samples"], seed=args.seed + 1,
                                                 num_steps=0 if base == "standard" else s["num_steps"])
         nll = -log_px
-        metrics[kind] = {"nll": nll.mean().item(), "nll_sem": (nll.std() / len(nll) ** 0.5).item(),
+        metrics[kind] = {"nll": nll.mean().item(), "nll_sem": common.standard_error(nll),
                          "elbo": elbo.mean().item(), "train_elbo_last_epoch": learning[kind]["train_elbo"][-1],
                          "seconds_per_epoch": sum(learning[kind]["seconds"]) / len(learning[kind]["seconds"])}
     nll_standard, nll_iterative = metrics["standard"]["nll"], metrics["gradient+data"]["nll"]
