@@ -98,8 +98,9 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iwae-samples", type=int, default=5000)
     parser.add_argument("--estep-steps", type=int, default=300)
     parser.add_argument("--timing-repeats", type=int, default=5)
-    parser.add_argument("--rme-barrier", type=float, default=1.0,
-                        help="RME's barrier C in nats (the class default; see docs/mixtures.md on choosing it)")
+    parser.add_argument("--rme-barrier", type=float, nargs="+", default=[1.0],
+                        help="RME's barrier C in nats, one for all datasets or one per dataset of --datasets "
+                             "(default the class's 1; benchmarks/rme_barrier_selection.py chooses it)")
 
 
 def load(args: argparse.Namespace, name: str) -> tuple[Tensor, Tensor, Any]:
@@ -128,6 +129,28 @@ def build(kind: str, model: Any, *, barrier: float) -> InferenceMethod:
     raise ValueError(f"unknown method {kind!r}")
 
 
+def train_method(args: argparse.Namespace, name: str, kind: str, train: Tensor, transform: Any, *,
+                 barrier: float) -> tuple[Any, InferenceMethod, dict[str, list[float]]]:
+    """A row's VAE and inference method trained jointly (resumed from ``--checkpoint-dir``), frozen, with the
+    learning curves; ``barrier``: RME's C."""
+    torch.manual_seed(args.seed)
+    model = bernoulli_vae()
+    method = build(kind, model, barrier=barrier)
+    curves = common.train_model(args, model, method, train, label=f"mixture-{name}-{kind}",
+                                config={"dataset": name, "kind": kind, "method": repr(method)},
+                                epochs=args.epochs, batch_size=100, lr=1e-3, transform=transform)
+    return model.requires_grad_(False), method.eval(), curves
+
+
+def barriers(args: argparse.Namespace) -> dict[str, float]:
+    """RME's C per dataset of ``--datasets``: ``--rme-barrier`` gives one value for all or one each, in order."""
+    values = args.rme_barrier
+    if len(values) not in (1, len(args.datasets)):
+        raise SystemExit(f"--rme-barrier takes one value or one per dataset of --datasets ({len(args.datasets)}), "
+                         f"got {len(values)}")
+    return dict(zip(args.datasets, values * len(args.datasets) if len(values) == 1 else values, strict=True))
+
+
 def count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
@@ -149,12 +172,14 @@ def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, tes
 
 
 def cached_evaluation(args: argparse.Namespace, name: str, kind: str, model: Any, method: Any,
-                      test: Tensor) -> dict[str, Tensor]:
-    """:func:`evaluate`, saved under ``--checkpoint-dir`` keyed by the trained method and the evaluation settings,
-    so that datasets evaluated by separate runs are assembled (and re-timed) by one run without recomputing."""
+                      test: Tensor, *, barrier: float) -> dict[str, Tensor]:
+    """:func:`evaluate`, saved under ``--checkpoint-dir`` keyed by the trained method and the evaluation settings
+    (RME's C for the RME rows), so that datasets evaluated by separate runs are assembled (and re-timed) by one run
+    without recomputing."""
     config = {"dataset": name, "kind": kind, "method": repr(method), "seed": args.seed, "per_image": True,
               **{key: getattr(args, key) for key in ("epochs", "refine_epochs", "train_size", "test_size",
-                                                     "iwae_samples", "estep_steps", "rme_barrier")}}
+                                                     "iwae_samples", "estep_steps")},
+              **({"rme_barrier": barrier} if kind.startswith("rme") else {})}
     path = common.checkpoint_file(args, f"mixture-{name}-{kind}-evaluation", config)
     if path.exists():
         return dict(torch.load(path))
@@ -200,14 +225,10 @@ def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
     train, test, transform = load(args, name)
     rows: dict[str, dict[str, Any]] = {}
     trained: dict[str, Any] = {}
+    barrier = barriers(args)[name]
     for kind in METHODS:
-        torch.manual_seed(args.seed)
-        model = bernoulli_vae()
-        method = build(kind, model, barrier=args.rme_barrier)
-        curves = common.train_model(args, model, method, train, label=f"mixture-{name}-{kind}",
-                                    config={"dataset": name, "kind": kind, "method": repr(method)},
-                                    epochs=args.epochs, batch_size=100, lr=1e-3, transform=transform)
-        trained[kind] = (model.requires_grad_(False), method.eval())
+        model, method, curves = train_method(args, name, kind, train, transform, barrier=barrier)
+        trained[kind] = (model, method)
         encoder = model.encoder if kind in ("standard", "semi_amortized") else None
         rows[kind] = {"train_s_per_example": sum(curves["seconds"]) / (len(curves["seconds"]) * len(train)),
                       "inference_parameters": count(method) + count(encoder),
@@ -228,7 +249,7 @@ def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
                            "decoder_parameters": rows["rme"]["decoder_parameters"]}
     log_px = {}
     for kind, (model, method) in trained.items():
-        values = cached_evaluation(args, name, kind, model, method, test)
+        values = cached_evaluation(args, name, kind, model, method, test, barrier=barrier)
         rows[kind].update(summary(values))
         log_px[kind] = values["log_px"]
     timing = time_per_example({kind: method for kind, (_, method) in trained.items()}, test[:100],
@@ -272,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.timing_repeats = 1
     results = {name: run_dataset(args, name) for name in args.datasets}
     settings = {key: getattr(args, key) for key in ("epochs", "refine_epochs", "train_size", "test_size",
-                                                    "iwae_samples", "estep_steps", "timing_repeats", "rme_barrier")}
+                                                    "iwae_samples", "estep_steps", "timing_repeats")}
+    settings["rme_barrier"] = barriers(args)
     result: dict[str, Any] = {"settings": settings, "datasets": results}
     if "binarized_mnist" in results:
         result.update({k: v for k, v in results["binarized_mnist"].items()

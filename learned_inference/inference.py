@@ -168,6 +168,18 @@ class InferenceMethod(nn.Module):
 
     # -- running it -----------------------------------------------------------------------------------------------
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.compile`` (``torch.compile`` of :meth:`forward`, arguments passed on), with AOTAutograd's
+        donated buffers turned off process-wide (``torch._functorch.config.donated_buffer = False``).
+
+        The training loss takes one vector-Jacobian product per step and keeps the graph of what the steps share
+        for the next (``retain_graph``), which a compiled backward with donated buffers refuses ("requires
+        create_graph=False and retain_graph=False"). ``torch.compile(method)`` called directly needs the same
+        setting.
+        """
+        torch._functorch.config.donated_buffer = False
+        super().compile(*args, **kwargs)
+
     def forward(
         self, x: Tensor, *, init_params: dict[str, Any] | None = None, noise: Tensor | None = None
     ) -> InferenceResult:

@@ -28,6 +28,7 @@ REQUIRED = {
     "mixture_comparison": ("nll_standard", "nll_mixture_encoder", "nll_rme", "nll_rme_refined", "nll_semi_amortized",
                            "nll_iterative", "rme_faster_than_semi_amortized"),
     "rme_barrier": ("best_barrier",),
+    "rme_barrier_selection": ("selected_barrier",),
     "hierarchical_comparison": ("nll_standard", "nll_iterative", "nll_standard_minus_iterative"),
 }
 
