@@ -89,7 +89,8 @@ class RefineFrom(nn.Module):
         return self.refiner.infer(x, init_params=self.__dict__["_start"].infer(x).params, **options)
 
 
-def _options(parser: argparse.ArgumentParser) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The script's options (also those of ``rme_barrier_selection``, which trains the same rows)."""
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--refine-epochs", type=int, default=5)
@@ -285,7 +286,7 @@ def plot_gaps(args: argparse.Namespace, results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parse_args("mixture_comparison", __doc__.splitlines()[0], argv=argv, extra=_options)
+    args = common.parse_args("mixture_comparison", __doc__.splitlines()[0], argv=argv, extra=add_options)
     started = common.setup(args)
     if args.scale == "smoke":
         args.datasets, args.epochs, args.refine_epochs = ["binarized_mnist"], 1, 1

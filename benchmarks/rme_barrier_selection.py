@@ -26,13 +26,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
-from benchmarks.mixture_comparison import _options, load, train_method
+from benchmarks.mixture_comparison import add_options, load, train_method
 from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
 from learned_inference.evaluation import importance_weighted_log_marginal
 
 
 def _selection_options(parser: argparse.ArgumentParser) -> None:
-    _options(parser)
+    add_options(parser)
     parser.add_argument("--barriers", type=float, nargs="+", default=[0.3, 1.0, 3.0],
                         help="the values of C to train and compare, in nats")
     parser.add_argument("--valid-size", type=int, default=1000, help="held-out images scored")
