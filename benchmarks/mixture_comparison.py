@@ -33,8 +33,10 @@ Run:
   processes (``--datasets binarized_mnist`` / ``--datasets fashion_mnist``, one thread each), then one run with
   both assembles the results from the saved evaluations.
 
-RME's barrier C (``--rme-barrier``, default the class's 1 nat) is a hyperparameter it is sensitive to
-(``docs/mixtures.md``): run it at several values (each is its own checkpoint) and report them all.
+RME's barrier C (``--rme-barrier``, default the class's 1 nat; one value for all datasets or one per dataset) is a
+hyperparameter it is sensitive to (``docs/mixtures.md``): choose it on held-out images with
+``benchmarks/rme_barrier_selection.py``, which trains RME under the same checkpoints, so the chosen C is not
+trained twice.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ both scripts), with paired differences and their standard errors.
 
 Run: ``python benchmarks/rme_barrier_selection.py --threads 1 --datasets fashion_mnist --barriers 0.3 1 3``
 (each new C: ≈ 26 min of training at one thread on the full settings, a C already trained by
-``mixture_comparison`` is reused; validation ≈ 30 s a model), then
-``python benchmarks/mixture_comparison.py --datasets ... --rme-barrier <chosen C per dataset>``.
+``mixture_comparison`` is reused; validation ≈ 30 s a model; separate processes, one C each, train in parallel and
+a final run over all of them assembles), then
+``python benchmarks/mixture_comparison.py --datasets ... --rme-barrier <chosen C per dataset>``. The recorded run:
+``--datasets binarized_mnist fashion_mnist --barriers 0.3 1 --barriers 0.1 0.3 1 3``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from learned_inference.evaluation import importance_weighted_log_marginal
 
 def _selection_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser)
-    parser.add_argument("--barriers", type=float, nargs="+", default=[0.3, 1.0, 3.0],
-                        help="the values of C to train and compare, in nats")
+    parser.add_argument("--barriers", type=float, nargs="+", action="append",
+                        help="the values of C to train and compare, in nats: one list for all datasets, or the option "
+                             "once per dataset of --datasets, in order (default 0.3 1 3)")
     parser.add_argument("--valid-size", type=int, default=1000, help="held-out images scored")
     parser.set_defaults(iwae_samples=1000)
 
@@ -60,14 +63,23 @@ def validation_log_px(args: argparse.Namespace, model: Any, method: Any, valid: 
                                             num_samples=args.iwae_samples, chunk_size=min(args.iwae_samples, 100))
 
 
-def run_dataset(args: argparse.Namespace, name: str) -> dict[str, Any]:
+def grids(args: argparse.Namespace) -> dict[str, list[float]]:
+    """The values of C per dataset of ``--datasets``."""
+    lists = args.barriers or [[0.3, 1.0, 3.0]]
+    if len(lists) not in (1, len(args.datasets)):
+        raise SystemExit(f"--barriers is given once for all datasets or once per dataset of --datasets "
+                         f"({len(args.datasets)}), got {len(lists)} times")
+    return dict(zip(args.datasets, lists * len(args.datasets) if len(lists) == 1 else lists, strict=True))
+
+
+def run_dataset(args: argparse.Namespace, name: str, barriers: list[float]) -> dict[str, Any]:
     train, _, transform = load(args, name)
     valid = held_out(args, name)
     model, method, _ = train_method(args, name, "standard", train, transform, barrier=0.0)
     standard = validation_log_px(args, model, method, valid)
     rows: dict[str, dict[str, float]] = {"standard": {"nll": -standard.mean().item(),
                                                       "nll_sem": common.standard_error(standard)}}
-    for barrier in args.barriers:
+    for barrier in barriers:
         model, method, _ = train_method(args, name, "rme", train, transform, barrier=barrier)
         log_px = validation_log_px(args, model, method, valid)
         weights = method.infer(valid).params["logits"].exp().mean(0)
@@ -84,10 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = common.parse_args("rme_barrier_selection", __doc__.splitlines()[0], argv=argv, extra=_selection_options)
     started = common.setup(args)
     if args.scale == "smoke":
-        args.datasets, args.epochs, args.barriers = ["binarized_mnist"], 1, [0.3, 1.0]
+        args.datasets, args.epochs, args.barriers = ["binarized_mnist"], 1, [[0.3, 1.0]]
         args.train_size, args.test_size, args.valid_size, args.iwae_samples = 200, 20, 20, 20
-    results = {name: run_dataset(args, name) for name in args.datasets}
-    settings = {key: getattr(args, key) for key in ("epochs", "train_size", "valid_size", "iwae_samples", "barriers")}
+    barriers = grids(args)
+    results = {name: run_dataset(args, name, barriers[name]) for name in args.datasets}
+    settings = {key: getattr(args, key) for key in ("epochs", "train_size", "valid_size", "iwae_samples")}
+    settings["barriers"] = barriers
     result: dict[str, Any] = {"settings": settings, "datasets": results,
                               "selected_barrier": results[args.datasets[0]]["selected_barrier"]}
     body: list[str] = []
