@@ -145,13 +145,17 @@ def train_method(args: argparse.Namespace, name: str, kind: str, train: Tensor, 
     return model.requires_grad_(False), method.eval(), curves
 
 
-def barriers(args: argparse.Namespace) -> dict[str, float]:
-    """RME's C per dataset of ``--datasets``: ``--rme-barrier`` gives one value for all or one each, in order."""
-    values = args.rme_barrier
+def per_dataset(args: argparse.Namespace, values: list[Any], option: str) -> dict[str, Any]:
+    """An option's ``values`` by dataset of ``--datasets``: one value for all of them, or one each, in order."""
     if len(values) not in (1, len(args.datasets)):
-        raise SystemExit(f"--rme-barrier takes one value or one per dataset of --datasets ({len(args.datasets)}), "
-                         f"got {len(values)}")
+        raise SystemExit(f"{option}: give it once for all datasets or once per dataset of --datasets "
+                         f"({len(args.datasets)}); got {len(values)}")
     return dict(zip(args.datasets, values * len(args.datasets) if len(values) == 1 else values, strict=True))
+
+
+def barriers(args: argparse.Namespace) -> dict[str, float]:
+    """RME's C per dataset (``--rme-barrier``)."""
+    return per_dataset(args, args.rme_barrier, "--rme-barrier")
 
 
 def count(module: nn.Module | None) -> int:

@@ -28,7 +28,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
-from benchmarks.mixture_comparison import add_options, load, train_method
+from benchmarks.mixture_comparison import add_options, load, per_dataset, train_method
 from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
 from learned_inference.evaluation import importance_weighted_log_marginal
 
@@ -64,12 +64,8 @@ def validation_log_px(args: argparse.Namespace, model: Any, method: Any, valid: 
 
 
 def grids(args: argparse.Namespace) -> dict[str, list[float]]:
-    """The values of C per dataset of ``--datasets``."""
-    lists = args.barriers or [[0.3, 1.0, 3.0]]
-    if len(lists) not in (1, len(args.datasets)):
-        raise SystemExit(f"--barriers is given once for all datasets or once per dataset of --datasets "
-                         f"({len(args.datasets)}), got {len(lists)} times")
-    return dict(zip(args.datasets, lists * len(args.datasets) if len(lists) == 1 else lists, strict=True))
+    """The values of C per dataset (``--barriers``, given once for all datasets or once per dataset)."""
+    return per_dataset(args, args.barriers or [[0.3, 1.0, 3.0]], "--barriers")
 
 
 def run_dataset(args: argparse.Namespace, name: str, barriers: list[float]) -> dict[str, Any]:
