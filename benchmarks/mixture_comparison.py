@@ -163,14 +163,21 @@ def count(module: nn.Module | None) -> int:
 
 
 @torch.no_grad()
+def scored_inference(args: argparse.Namespace, model: Any, method: Any, x: Tensor) -> tuple[Tensor, InferenceResult]:
+    """IWAE log p(x) of each image (``--iwae-samples``, proposal: the method's posterior) and the method's result,
+    from the seed ``--seed``."""
+    torch.manual_seed(args.seed)
+    result = method.infer(x)
+    log_px = importance_weighted_log_marginal(model, result.posterior, x, num_samples=args.iwae_samples,
+                                              chunk_size=min(args.iwae_samples, 100))
+    return log_px, result
+
+
+@torch.no_grad()
 def evaluate(args: argparse.Namespace, model: Any, method: Any, family: Any, test: Tensor) -> dict[str, Tensor]:
     """Per test image: IWAE log p(x), the method's ELBO (100 samples) and the ELBO of a converged Adam E-step in
     the method's family started from the method's λ (for the gap split)."""
-    torch.manual_seed(args.seed)
-    result = method.infer(test)
-    chunk = min(args.iwae_samples, 100)
-    log_px = importance_weighted_log_marginal(model, result.posterior, test, num_samples=args.iwae_samples,
-                                              chunk_size=chunk)
+    log_px, result = scored_inference(args, model, method, test)
     elbo = elbo_estimate(model, result.posterior, test, num_samples=100)
     e_step = GradientEStep(model, latent_dim=LATENT, family=family, lr=1e-2, num_steps=args.estep_steps,
                            num_samples=2)

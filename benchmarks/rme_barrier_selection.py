@@ -28,9 +28,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
-from benchmarks.mixture_comparison import add_options, load, per_dataset, train_method
+from benchmarks.mixture_comparison import add_options, load, per_dataset, scored_inference, train_method
 from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
-from learned_inference.evaluation import importance_weighted_log_marginal
 
 
 def _selection_options(parser: argparse.ArgumentParser) -> None:
@@ -55,14 +54,6 @@ def held_out(args: argparse.Namespace, name: str) -> Tensor:
     return binarize(images, generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
-def validation_log_px(args: argparse.Namespace, model: Any, method: Any, valid: Tensor) -> Tensor:
-    """IWAE log p(x) of each held-out image."""
-    torch.manual_seed(args.seed)
-    return importance_weighted_log_marginal(model, method.infer(valid).posterior, valid,
-                                            num_samples=args.iwae_samples, chunk_size=min(args.iwae_samples, 100))
-
-
 def grids(args: argparse.Namespace) -> dict[str, list[float]]:
     """The values of C per dataset (``--barriers``, given once for all datasets or once per dataset)."""
     return per_dataset(args, args.barriers or [[0.3, 1.0, 3.0]], "--barriers")
@@ -72,18 +63,18 @@ def run_dataset(args: argparse.Namespace, name: str, barriers: list[float]) -> d
     train, _, transform = load(args, name)
     valid = held_out(args, name)
     model, method, _ = train_method(args, name, "standard", train, transform, barrier=0.0)
-    standard = validation_log_px(args, model, method, valid)
+    standard, _ = scored_inference(args, model, method, valid)
     rows: dict[str, dict[str, float]] = {"standard": {"nll": -standard.mean().item(),
                                                       "nll_sem": common.standard_error(standard)}}
     for barrier in barriers:
         model, method, _ = train_method(args, name, "rme", train, transform, barrier=barrier)
-        log_px = validation_log_px(args, model, method, valid)
-        weights = method.infer(valid).params["logits"].exp().mean(0)
+        log_px, result = scored_inference(args, model, method, valid)
+        difference = log_px - standard
         rows[f"rme_C={barrier:g}"] = {
             "barrier": barrier, "nll": -log_px.mean().item(), "nll_sem": common.standard_error(log_px),
-            "nll_standard_minus_rme": (log_px - standard).mean().item(),
-            "nll_standard_minus_rme_sem": common.standard_error(log_px - standard),
-            "smallest_mean_weight": weights.min().item()}
+            "nll_standard_minus_rme": difference.mean().item(),
+            "nll_standard_minus_rme_sem": common.standard_error(difference),
+            "smallest_mean_weight": result.params["logits"].exp().mean(0).min().item()}
     best = min((row for key, row in rows.items() if key != "standard"), key=lambda row: row["nll"])
     return {"rows": rows, "selected_barrier": best["barrier"]}
 
