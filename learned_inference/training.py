@@ -190,7 +190,8 @@ def fit(
     Raises:
         TypeError: ``method``, ``data``, a batch, ``validation``, ``optimizer`` or ``seed`` of the wrong type.
         ValueError: ``epochs`` or ``batch_size`` not an int >= 1, ``lr`` not positive or given with an
-            ``optimizer``, empty data, an epoch without batches (a one-shot iterator), no trainable parameters, or a
+            ``optimizer``, empty data, ``validation`` whose examples' shape is not the training batches' (checked
+            before the first step), an epoch without batches (a one-shot iterator), no trainable parameters, or a
             loss that depends on none of them (e.g. ``num_steps=0`` with a frozen model).
 
     Example:
@@ -238,6 +239,8 @@ def fit(
                 if x.device not in generators:
                     generators[x.device] = torch.Generator(x.device).manual_seed(seed)
                 x = transform(x, generator=generators[x.device])
+            if validation is not None and epoch == 0 and count == 0:
+                _check_validation_shape(validation, x)  # before the first step, not after the first epoch
             optimizer.zero_grad()
             result = method(x)
             _check_trains(method, result.loss)
@@ -282,6 +285,19 @@ def _record_gradient_norms(history: FitHistory, norms: list[float], epoch: int) 
                       "skipped (no optimizer step). A model or method that overflows at some inputs: check the data "
                       "of those batches, lower the learning rate, or clip the gradient norm (max_grad_norm=...)",
                       RuntimeWarning, stacklevel=3)
+
+
+def _check_validation_shape(validation: Tensor, batch: Tensor) -> None:
+    """Raises a ``ValueError`` naming ``validation`` when its examples' shape is not that of the training batches."""
+    if validation.shape[1:] == batch.shape[1:]:
+        return
+    raise ValueError(
+        f"validation holds examples of shape {list(validation.shape[1:])}, but the training data's are "
+        f"{list(batch.shape[1:])} (validation {list(validation.shape)}, first training batch {list(batch.shape)}): "
+        "the model and the inference method are set up for the training data's shape, so validation must be "
+        "held-out examples of the same data, e.g. fit(method, data[:-1000], validation=data[-1000:], ...), with the "
+        "same preprocessing (flattening, vocabulary) as the training data"
+    )
 
 
 def _check_trains(method: nn.Module, loss: Tensor) -> None:

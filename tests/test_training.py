@@ -255,6 +255,19 @@ def test_bad_arguments_are_errors_that_name_the_argument(change, error, message)
         fit(**{**_good(), **change})
 
 
+@pytest.mark.parametrize("as_loader", [False, True])
+def test_validation_of_another_width_is_named_before_any_training_step(as_loader):
+    model, inference = _build()
+    data = _data(32)
+    inference.infer(data[:2], num_steps=0)  # sizes the lazy input layer, so that the parameters can be compared
+    before = _state(model, inference)
+    with pytest.raises(ValueError, match=r"validation holds examples of shape \[11\], but the training data's are "
+                                         r"\[12\].*validation=data\[-1000:\]"):
+        fit(inference, DataLoader(TensorDataset(data), batch_size=16) if as_loader else data, epochs=1,
+            validation=_data(8)[:, :11], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(model, inference), strict=True))  # no step taken
+
+
 def test_lr_with_an_explicit_optimizer_is_an_error():
     arguments = _good()
     optimizer = torch.optim.SGD(arguments["method"].parameters(), lr=0.1)
