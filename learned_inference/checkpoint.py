@@ -57,19 +57,35 @@ class CheckpointError(ValueError):
     """A file that :func:`load_checkpoint` cannot trust: corrupt, truncated, or not a checkpoint."""
 
 
-def _entries(state: Any, prefix: str, test: Callable[[torch.Tensor], bool]) -> list[str]:
-    """Names of the tensors inside a (nested) state dict for which ``test(tensor)`` holds."""
+def _entries(state: Any, prefix: str, test: Callable[[torch.Tensor], bool]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors inside a (nested) state dict for which ``test(tensor)`` holds, with their names."""
     if isinstance(state, torch.Tensor):
-        return [prefix] if test(state) else []
+        return [(prefix, state)] if test(state) else []
     if isinstance(state, dict):
-        return [name for key, value in state.items() for name in _entries(value, f"{prefix}.{key}", test)]
+        return [entry for key, value in state.items() for entry in _entries(value, f"{prefix}.{key}", test)]
     if isinstance(state, list | tuple):
-        return [name for i, value in enumerate(state) for name in _entries(value, f"{prefix}[{i}]", test)]
+        return [entry for i, value in enumerate(state) for entry in _entries(value, f"{prefix}[{i}]", test)]
     return []
 
 
 def _non_finite(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def _non_finite_message(bad: list[tuple[str, torch.Tensor]], path: object) -> str:
+    """What :func:`save_checkpoint` says when state entries hold NaN or infinite values: which, and where to look."""
+    shown = [f"{name} ({int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} infinite of "
+             f"{tensor.numel()} values)" for name, tensor in bad[:5]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (
+        f"refusing to save a checkpoint with non-finite values in {', '.join(shown)}{more}. Each name is the keyword "
+        "you passed (e.g. model=, optim=) followed by the key in its state_dict(). NaN or infinite parameters or "
+        "optimizer state mean training diverged before this save: an optimizer step took a non-finite or exploding "
+        "gradient. Look at the losses and gradient norms of the last steps (FitHistory.train_elbo and grad_norm_max "
+        "with fit) and at the data of those batches; clip the gradient norm (fit(max_grad_norm=...) or "
+        "torch.nn.utils.clip_grad_norm_) or lower the learning rate, and resume from the last good checkpoint: "
+        f"{path} is unchanged"
+    )
 
 
 _TOKEN_HEX = 16  # hexadecimal digits of the random part of a temporary file's name
@@ -162,7 +178,7 @@ def save_checkpoint(path: str | os.PathLike[str], *, step: int, **objects: Any) 
         if not callable(getattr(obj, "state_dict", None)):
             raise TypeError(f"{name} must have a state_dict() method, got {type(obj).__name__}")
         states[name] = obj.state_dict()
-    lazy = [entry for name, state in states.items() for entry in _entries(state, name, is_lazy)]
+    lazy = [entry for name, state in states.items() for entry, _ in _entries(state, name, is_lazy)]
     if lazy:
         raise ValueError(
             f"refusing to save a checkpoint with parameters that are not sized yet ({lazy[:5]}): a lazy layer gets "
@@ -171,7 +187,7 @@ def save_checkpoint(path: str | os.PathLike[str], *, step: int, **objects: Any) 
         )
     bad = [entry for name, state in states.items() for entry in _entries(state, name, _non_finite)]
     if bad:
-        raise ValueError(f"refusing to save a checkpoint with non-finite values in {bad[:5]}; {path} is unchanged")
+        raise ValueError(_non_finite_message(bad, path))
     buffer = io.BytesIO()
     torch.save({"step": step, "states": states, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                buffer)

@@ -108,6 +108,16 @@ class Encoding:
         """Raises a ``ValueError`` naming what is missing if ``model`` cannot provide this encoding's inputs."""
 
 
+def _check_eps(eps: float, owner: str) -> None:
+    """Raises a ``ValueError`` naming ``eps``, why it must be positive and what to pass, unless ``eps > 0``."""
+    if not eps > 0:
+        raise ValueError(
+            f"{owner}(eps={eps!r}): eps must be > 0. It is the ε in log(|g| + ε), which keeps the log-magnitude "
+            "finite where a component g is exactly 0; with eps <= 0 (or NaN) the encoding is -inf or NaN there and "
+            "the update network's output with it. Pass a small positive value, e.g. the default eps=1e-8"
+        )
+
+
 class LogSignGradient(Encoding):
     """[α·log(|∇λL| + ε), sign(∇λL)] for every component of λ.
 
@@ -117,8 +127,7 @@ class LogSignGradient(Encoding):
     """
 
     def __init__(self, *, alpha: float = 0.1, eps: float = 1e-8) -> None:
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        _check_eps(eps, type(self).__name__)
         self.alpha, self.eps = alpha, eps
 
     def __call__(self, context: StepContext) -> Tensor:
@@ -240,8 +249,7 @@ class HierarchicalErrors(Encoding):
     """
 
     def __init__(self, *, log_sign: bool = True, alpha: float = 0.1, eps: float = 1e-8) -> None:
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        _check_eps(eps, type(self).__name__)
         self.log_sign, self.alpha, self.eps = log_sign, alpha, eps
 
     def __call__(self, context: StepContext) -> Tensor:

@@ -128,6 +128,21 @@ def test_unsized_parameters_are_refused_with_the_fix(tmp_path):
     save_checkpoint(tmp_path / "run.pt", step=0, model=lazy)
 
 
+def test_non_finite_values_are_refused_naming_the_entry_and_where_to_look(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optim = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optim.step()
+    with torch.no_grad():
+        model.weight[0, :2] = float("nan")
+    optim.state[model.bias]["exp_avg_sq"][1] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite values in model\.weight \(2 NaN and 0 infinite of 6 values\), "
+                                         r"optim\.state\.1\.exp_avg_sq \(0 NaN and 1 infinite of 2 values\)\. "
+                                         r".*keyword you passed.*max_grad_norm.*run\.pt is unchanged"):
+        save_checkpoint(tmp_path / "run.pt", step=0, model=model, optim=optim)
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_global_random_state_is_restored_only_when_asked(tmp_path):
     path, net = tmp_path / "run.pt", _net()
     torch.manual_seed(3)

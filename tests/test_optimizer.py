@@ -20,7 +20,7 @@ from learned_inference import (
     prior_moments,
 )
 from learned_inference.context import RunConstants, StepContext
-from learned_inference.encodings import Data
+from learned_inference.encodings import Data, HierarchicalErrors, LogSignGradient
 from learned_inference.networks import HighwayMLP
 from learned_inference.objectives import Objective
 from tests.conftest import mlp_decoder
@@ -345,6 +345,14 @@ def test_bad_options_get_clear_errors(options, match):
     model = DecoderModel(nn.Linear(2, 5), likelihood="bernoulli", latent_dim=2)
     with pytest.raises(ValueError, match=match):
         IterativeInferenceOptimizer(model, **options)
+
+
+@pytest.mark.parametrize("encoding", [LogSignGradient, HierarchicalErrors])
+@pytest.mark.parametrize("eps", [0.0, -1e-8, float("nan")])
+def test_a_non_positive_eps_is_named_with_its_cause_and_fix(encoding, eps):
+    with pytest.raises(ValueError, match=rf"{encoding.__name__}\(eps={eps!r}\): eps must be > 0\. .*log\(\|g\| \+ ε\)"
+                                         r".*exactly 0.*eps=1e-8"):
+        encoding(eps=eps)
 
 
 def test_encoder_init_needs_an_encoder():
