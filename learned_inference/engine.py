@@ -469,7 +469,8 @@ def refine(
         if last and average is not None:
             lam = average
         with torch.set_grad_enabled(train and (last or second_order)), full_precision(x):
-            values, grads = objective.elbo_and_grad(lam, x, noise_t)
+            # L_T of a training run trains the model: evaluated as its own forward (running statistics move once)
+            values, grads = objective.elbo_and_grad(lam, x, noise_t, update_statistics=train and last)
         healthy = torch.isfinite(values.detach())
         for g in grads.values():
             healthy = healthy & torch.isfinite(g.detach()).all(-1)

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +35,9 @@ from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.engine import ON_NONFINITE, IterateAveraging, Stopping, Training, Trajectory, refine
 from learned_inference.families import Family, Params, detach, make_family
-from learned_inference.model import (
-    LatentModel,
-    LatentSpace,
-    check_batch_norm_modes,
-    check_log_joint,
-    check_model,
-    check_support,
-)
+from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model, check_support
 from learned_inference.objectives import Objective, prior_moments, sample_noise
+from learned_inference.train_mode import ModelModes, TrainModeRun
 from learned_inference.validation import check_data, check_int, check_placement, check_tensor
 
 __all__ = ["InferenceMethod", "InferenceResult"]
@@ -131,8 +126,7 @@ class InferenceMethod(nn.Module):
         if averaging is not None and not isinstance(averaging, IterateAveraging):
             raise TypeError(f"averaging must be an IterateAveraging or None, got {type(averaging).__name__}")
         self.averaging = averaging
-        self._model_checked = False
-        self._batch_norms: tuple[Any, ...] = ()
+        self._modes: ModelModes | None = None
 
     def _make_family(self, family: str | Family | Mapping[str, str | Family]) -> Family:
         """One representation of several latent variables: a :class:`BlockFamily` (one family per variable)."""
@@ -237,16 +231,17 @@ class InferenceMethod(nn.Module):
         self, x: Tensor, num_steps: int, *, train: bool, init_params: dict[str, Any] | None, noise: Tensor | None,
         record_params: bool = False, stopping: Stopping | None = None,
     ) -> InferenceResult:
-        self._check_inputs(x, num_steps, noise)
+        run = self._check_inputs(x, num_steps, noise, train=train)
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
         initial = self.init(x) if init_params is None else self._flatten(init_params, x)
         averaging = None if train or self.averaging is None else self.averaging.starting_at(self.num_steps)
-        trajectory = refine(
-            self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior),
-            num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
-            train=train, on_nonfinite=self.on_nonfinite, record_params=record_params, stopping=stopping,
-            averaging=averaging,
-        )
+        with nullcontext() if run is None else run:
+            trajectory = refine(
+                self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior, run),
+                num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
+                train=train, on_nonfinite=self.on_nonfinite, record_params=record_params, stopping=stopping,
+                averaging=averaging,
+            )
         return self._result(trajectory)
 
     def _result(self, trajectory: Trajectory) -> InferenceResult:
@@ -258,9 +253,12 @@ class InferenceMethod(nn.Module):
             trajectory=None if history is None else [self._public(p)[0] for p in history],
         )
 
-    def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
+    def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None, *, train: bool) -> TrainModeRun | None:
         """Validates x (placement, the likelihood's support) and noise; on the first call the model contract
-        (:func:`~learned_inference.model.check_log_joint`), on later ones the modes of the batch norms it found."""
+        (:func:`~learned_inference.model.check_log_joint`); on every call the modes of the batch norms and dropouts
+        log_joint uses. Returns the run's context for those in training mode
+        (:meth:`~learned_inference.train_mode.ModelModes.run`: an error for batch norm in training mode at test
+        time or in a frozen model), or None."""
         check_data(x)
         check_placement(x, {"the model": self.model, "the inference method": self})
         check_support(self.model, x)
@@ -268,11 +266,9 @@ class InferenceMethod(nn.Module):
             shape = [num_steps + 1, self.num_samples, x.shape[0], self.space.total_dim]
             # non-finite noise is allowed: the examples it reaches are reported by the engine's non-finite policy
             check_tensor("noise", noise, shape=shape, like=x, layout="[num_steps + 1, S, B, D]", finite=False)
-        if not self._model_checked:
-            self._batch_norms = check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
-            self._model_checked = True
-        else:
-            check_batch_norm_modes(self._batch_norms)
+        if self._modes is None:
+            self._modes = check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
+        return self._modes.run(train=train)
 
     def _encoder_gives_all_params(self) -> bool:
         """Whether λ has parameters beyond (loc, log_var) (a mixture's logits): then an encoder for it returns all of

@@ -2,8 +2,9 @@
 
 A latent model is anything with ``log_joint(x, z)`` returning log p(x, z) per example: shape ``[B]`` for ``z`` of
 shape ``[B, D]`` and ``[S, B]`` for ``z`` of shape ``[S, B, D]``. With several latent variables ``z`` is a
-``dict[str, Tensor]``. The model must not couple examples (no batch norm in training mode, no mean over the
-batch), so the gradient of the summed ELBO is exactly the per-example gradient.
+``dict[str, Tensor]``. The model must not couple examples (no mean over the batch), so the gradient of the summed
+ELBO is exactly the per-example gradient. One coupling is allowed because users train that way: batch norm in
+training mode while the model trains jointly with inference (:mod:`learned_inference.train_mode`).
 
 Optional methods, used when present:
 
@@ -33,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, cast, runtime_checkable
@@ -45,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from learned_inference.likelihoods import Likelihood, make_likelihood
+from learned_inference.train_mode import ModelModes, batch_norm_error
 
 __all__ = [
     "DECODER_FIELDS",
@@ -55,7 +56,6 @@ __all__ = [
     "LatentSpace",
     "Latents",
     "VAEModel",
-    "check_batch_norm_modes",
     "check_log_joint",
     "check_model",
     "check_support",
@@ -525,45 +525,17 @@ def _named_modules(model: object) -> list[tuple[str, nn.Module]]:
             for name, m in value.named_modules()]
 
 
-def _batch_norm_error(name: str, module: nn.Module) -> ValueError:
-    if not getattr(module, "track_running_stats", True):
-        return ValueError(
-            f"{name} ({type(module).__name__}) has track_running_stats=False and log_joint uses it: it normalises each "
-            "example with statistics of the whole batch in every mode, which couples the examples (each example's "
-            "ELBO and λ-gradient would depend on the others'); model.eval() does not change that. Use a per-example "
-            "normalisation (LayerNorm, GroupNorm) in the model, or batch norm with running statistics in eval mode."
-        )
-    return ValueError(
-        f"{name} ({type(module).__name__}) is in training mode and log_joint uses it: batch norm normalises each "
-        "example with statistics of the whole batch, which couples the examples (each example's ELBO and λ-gradient "
-        "would depend on the others'), and it updates its running statistics, which the λ-gradient (torch.func) "
-        "cannot do. Call model.eval() before inference (batch norm then applies its running statistics, the same "
-        "map to every example), or use a per-example normalisation (LayerNorm, GroupNorm) in the model."
-    )
-
-
-def check_batch_norm_modes(batch_norms: Sequence[tuple[str, nn.Module]]) -> None:
-    """Raises the error of :func:`check_log_joint` if one of the batch norms it found is now in training mode.
-
-    Inference methods call it on every call after the first (a loop over a few flags), so ``model.train()`` after
-    the first call is caught too.
-    """
-    for name, module in batch_norms:
-        if module.training:
-            raise _batch_norm_error(name, module)
-
-
 class _BatchStatisticsError(Exception):
-    """Raised by a forward pre-hook: log_joint reached a batch norm that uses batch statistics (in training mode,
-    or without running statistics); nothing was mutated yet."""
+    """Raised by a forward pre-hook: log_joint reached a batch norm without running statistics; nothing was mutated
+    yet."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__(name)
-        self.error = _batch_norm_error(name, module)
+        self.error = batch_norm_error(name, module, cause="no_running_stats")
 
 
 class _ModuleWatch:
-    """Which batch norms and dropouts log_joint uses; dropouts in training mode are switched off meanwhile."""
+    """Which batch norms and dropouts log_joint uses."""
 
     def __init__(self) -> None:
         self.batch_norms: list[tuple[str, nn.Module]] = []
@@ -572,9 +544,10 @@ class _ModuleWatch:
 
 @contextmanager
 def _watch_modules(model: object) -> Iterator[_ModuleWatch]:
-    """Inside: a batch norm that uses batch statistics raises :class:`_BatchStatisticsError` before it runs (so its
-    running statistics stay untouched), used batch norms and training-mode dropouts are recorded, and those dropouts
-    are in eval mode (the checks draw no random numbers from the global generator). All is restored on exit."""
+    """Inside: the batch norms and dropouts log_joint uses are recorded; those in training mode are in eval mode (a
+    batch norm applies its running statistics, the same map to every example, so the checks find any other
+    coupling and move no statistics; a dropout draws no random numbers from the global generator); a batch norm
+    without running statistics raises :class:`_BatchStatisticsError` before it runs. All is restored on exit."""
     watch = _ModuleWatch()
     handles, switched = [], []
 
@@ -585,14 +558,17 @@ def _watch_modules(model: object) -> Iterator[_ModuleWatch]:
     for name, module in _named_modules(model):
         if isinstance(module, _BatchNorm):
             def batch_norm_hook(module: nn.Module, _inputs: Any, name: str = name) -> None:
-                if module.training or not getattr(module, "track_running_stats", True):  # batch statistics
+                if not getattr(module, "track_running_stats", True):  # batch statistics in every mode
                     raise _BatchStatisticsError(name, module)
                 record(watch.batch_norms, name, module)
             handles.append(module.register_forward_pre_hook(batch_norm_hook))
-        elif isinstance(module, _DropoutNd) and module.training:
+        elif isinstance(module, _DropoutNd):
             def dropout_hook(module: nn.Module, _inputs: Any, name: str = name) -> None:
                 record(watch.dropouts, name, module)
             handles.append(module.register_forward_pre_hook(dropout_hook))
+        else:
+            continue
+        if module.training:
             module.training = False
             switched.append(module)
     try:
@@ -755,25 +731,25 @@ def _check_independent(model: LatentModel, x: Tensor, space: LatentSpace, num_sa
                 f"with a fixed z) changed from {first[index].item():.6g} to {second[index].item():.6g} when only "
                 f"{name} in the batch changed. Inference needs each example's value to depend on that example alone "
                 "(its λ-gradients are taken from the batch sum). Common causes: a mean, sum or normalisation over "
-                "the batch inside log_joint or the decoder, batch norm in training mode (call model.eval()), or "
+                "the batch inside log_joint or the decoder (batch norm is allowed: it is checked in eval mode), or "
                 "random numbers drawn inside log_joint (F.dropout, torch.randn: make it deterministic)."
             )
 
 
-def check_log_joint(
-    model: LatentModel, x: Tensor, space: LatentSpace, *, num_samples: int
-) -> tuple[tuple[str, nn.Module], ...]:
+def check_log_joint(model: LatentModel, x: Tensor, space: LatentSpace, *, num_samples: int) -> ModelModes:
     """Checks the model contract on the first batch; raises an error that names the cause and the fix.
 
     1. ``log_joint(x, z)`` runs on the whole batch and returns one floating-point value per example (and sample).
-       A batch norm that log_joint reaches in training mode (or one without running statistics) is an error
-       (before it runs: its running statistics stay untouched); a dropout in training mode is a ``RuntimeWarning``.
+       A batch norm without running statistics (``track_running_stats=False``) that log_joint reaches is an error
+       (before it runs).
     2. It (and ``log_likelihood``, when present) is differentiable in z under ``torch.func.grad``, as the
        λ-gradient takes it: no cut graph, no in-place update of captured tensors.
     3. It does not couple examples: on up to 8 examples with z ~ N(0, I) (a private generator: the global one
        is not used), each value stays the same when the other examples of the batch, or its position, change.
 
-    Dropouts in training mode are switched off during the checks, and nothing else in the model is changed.
+    Batch norms and dropouts in training mode are in eval mode during the checks (the coupling train-mode batch
+    norm brings is the user's, allowed while the model trains: :mod:`learned_inference.train_mode`); nothing in the
+    model is changed, and no running statistic moves.
 
     Args:
         model: the user's model.
@@ -782,7 +758,8 @@ def check_log_joint(
         num_samples: the samples S per ELBO evaluation (z is ``[S, B, D]`` when S > 1).
 
     Returns:
-        The batch norms log_joint uses (by name), for :func:`check_batch_norm_modes` on later calls.
+        The batch norms and dropouts log_joint uses (:class:`~learned_inference.train_mode.ModelModes`), whose modes
+        each later call checks.
 
     Raises:
         ValueError: log_joint fails, has the wrong shape, is not differentiable in z, or couples examples.
@@ -792,14 +769,6 @@ def check_log_joint(
         _check_output(model, x, space, num_samples)
         _check_differentiable(model, x, space, num_samples)
         _check_independent(model, x, space, num_samples)
-    if watch.dropouts:
-        names = ", ".join(f"{name} ({type(m).__name__})" for name, m in watch.dropouts)
-        warnings.warn(
-            f"{names} {'is' if len(watch.dropouts) == 1 else 'are'} in training mode and used by log_joint: every "
-            "evaluation of the ELBO and its λ-gradient then sees another random sub-network, so refinement "
-            "follows noise and test-time results are random. Call model.eval() for inference; keep training mode "
-            "only while training the model, if the dropout is a deliberate regulariser there.",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-    return tuple(watch.batch_norms)
+    modules = [m for _, m in _named_modules(model)]
+    return ModelModes(batch_norms=tuple(watch.batch_norms), dropouts=tuple(watch.dropouts), modules=modules,
+                      parameters=lambda: (p for m in modules for p in m.parameters(recurse=False)))

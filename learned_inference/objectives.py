@@ -35,6 +35,7 @@ from torch.func import vjp
 
 from learned_inference.families import Family, Params, normal_prior_moments
 from learned_inference.model import LatentModel, LatentSpace
+from learned_inference.train_mode import TrainModeRun
 
 __all__ = ["Objective", "PriorMoments", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]
 
@@ -166,17 +167,40 @@ class Objective:
         family: the posterior family of λ.
         space: the latent layout.
         prior: the prior's moments for the analytic KL, or None for E[log p(x, z)] + H[q].
+        train_mode: the run's context for a model with batch norm or dropout in training mode
+            (:class:`~learned_inference.train_mode.TrainModeRun`, active around the run), or None.
     """
 
     model: LatentModel
     family: Family
     space: LatentSpace
     prior: PriorMoments | None = None
+    train_mode: TrainModeRun | None = None
 
     def elbo(self, params: Params, x: Tensor, noise: Tensor) -> Tensor:
         """Per-example ELBO ``[B]`` (:func:`elbo`)."""
         return elbo(self.model, self.family, params, x, noise, space=self.space, prior=self.prior)
 
-    def elbo_and_grad(self, params: Params, x: Tensor, noise: Tensor) -> tuple[Tensor, Params]:
-        """Per-example ELBO ``[B]`` and ∇_λ L (:func:`elbo_and_grad`)."""
-        return elbo_and_grad(self.model, self.family, params, x, noise, space=self.space, prior=self.prior)
+    def elbo_and_grad(
+        self, params: Params, x: Tensor, noise: Tensor, *, update_statistics: bool = False
+    ) -> tuple[Tensor, Params]:
+        """Per-example ELBO ``[B]`` and ∇_λ L (:func:`elbo_and_grad`).
+
+        Args:
+            params: λ, detached (first order) or with its graph (second order).
+            x: the data.
+            noise: ε ``[S, B, D]``.
+            update_statistics: this evaluation trains the model (L_T of a training run): batch norms in training
+                mode (:attr:`train_mode`) then update their running statistics, once, as in the user's own
+                forward. That in-place update is outside what ``torch.func`` differentiates, so the ELBO is taken
+                with plain autograd and its λ-gradient with ``torch.autograd.grad`` (the same values).
+        """
+        run = self.train_mode
+        if not (update_statistics and run is not None and run.updates_statistics and torch.is_grad_enabled()):
+            return elbo_and_grad(self.model, self.family, params, x, noise, space=self.space, prior=self.prior)
+        lam = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+        with run.updating_statistics():
+            values = self.elbo(lam, x, noise)
+        names = list(lam)
+        grads = torch.autograd.grad(values.sum(), [lam[n] for n in names], retain_graph=True)
+        return values, dict(zip(names, grads, strict=True))

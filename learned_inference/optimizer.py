@@ -31,6 +31,7 @@ from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel, LatentSpace, encoder_output
 from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_network
+from learned_inference.train_mode import TrainModeRun
 from learned_inference.updates import PerVariableUpdate, Update, make_update
 from learned_inference.validation import check_int
 
@@ -296,9 +297,10 @@ class IterativeInferenceOptimizer(InferenceMethod):
         """
         return super().forward(x, init_params=init_params, noise=noise)
 
-    def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None) -> None:
-        super()._check_inputs(x, num_steps, noise)
+    def _check_inputs(self, x: Tensor, num_steps: int, noise: Tensor | None, *, train: bool) -> TrainModeRun | None:
+        run = super()._check_inputs(x, num_steps, noise, train=train)
         self.materialize(x.shape[1:])
+        return run
 
     def extra_repr(self) -> str:
         return (f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -249,20 +250,23 @@ class RecursiveMixtureEncoder(InferenceMethod):
         """
         if not torch.is_grad_enabled() or init_params is not None:
             return super().forward(x, init_params=init_params, noise=noise)
-        self._check_inputs(x, 0, noise)
+        run = self._check_inputs(x, 0, noise, train=True)
         params = self.init(x)
         # the mixing network and the model: the mixture's ELBO with the components held fixed
         held = {"loc": params["loc"].detach(), "log_var": params["log_var"].detach(), "logits": params["logits"]}
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
-        trajectory = refine(self.step, held, x, objective=Objective(self.model, self.family, self.space, prior),
-                            num_steps=0, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
-                            train=True, on_nonfinite=self.on_nonfinite)
-        # the components: −J_m, each into its own encoder
         active = self.active()
-        component_noise = sample_noise(self.num_samples, x.shape[0], self.space.total_dim, dtype=x.dtype,
-                                       device=x.device)
-        objectives = component_objectives(self.model, params, x, component_noise, num_components=self.num_components,
-                                          space=self.space, barrier=self.barrier, prior=prior)[:active]
+        with nullcontext() if run is None else run:
+            objective = Objective(self.model, self.family, self.space, prior, run)
+            trajectory = refine(self.step, held, x, objective=objective, num_steps=0,
+                                noise=lambda t: self._noise(noise, t, x), training=self.training_rule(), train=True,
+                                on_nonfinite=self.on_nonfinite)
+            # the components: −J_m, each into its own encoder
+            component_noise = sample_noise(self.num_samples, x.shape[0], self.space.total_dim, dtype=x.dtype,
+                                           device=x.device)
+            objectives = component_objectives(self.model, params, x, component_noise,
+                                              num_components=self.num_components, space=self.space,
+                                              barrier=self.barrier, prior=prior)[:active]
         healthy = torch.isfinite(objectives.detach()).all(0)
         surrogate = -torch.where(healthy, objectives, 0.0).sum() / healthy.sum().clamp(min=1)
         weights = [p for encoder in self.encoders[:active] for p in encoder.parameters() if p.requires_grad]

@@ -58,6 +58,7 @@ from learned_inference.model import LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
 from learned_inference.objectives import Objective, sample_noise
 from learned_inference.optimizer import learned_step
+from learned_inference.train_mode import TrainModeRun
 from learned_inference.updates import make_update
 from learned_inference.validation import check_int
 
@@ -202,10 +203,12 @@ class AutoIterativeNormal(AutoGuide):
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         # first without init_loc_fn, which would fail on a discrete site before our clearer error
-        visible = poutine.block(self.model, prototype_hide_fn)
-        check_continuous(poutine.block(poutine.trace(visible).get_trace)(*args, **kwargs))
-        model = poutine.block(InitMessenger(self.init_loc_fn)(self.model), prototype_hide_fn)
-        self.prototype_trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        # the set-up runs of the model move no running statistic of a batch norm in training mode
+        with TrainModeRun():
+            visible = poutine.block(self.model, prototype_hide_fn)
+            check_continuous(poutine.block(poutine.trace(visible).get_trace)(*args, **kwargs))
+            model = poutine.block(InitMessenger(self.init_loc_fn)(self.model), prototype_hide_fn)
+            self.prototype_trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         if self.master is not None:
             self.master()._check_prototype(self.prototype_trace)
         self._prototype_frames = {}
@@ -214,7 +217,7 @@ class AutoIterativeNormal(AutoGuide):
                 if not frame.vectorized:
                     raise NotImplementedError("AutoIterativeNormal does not support sequential pyro.plate")
                 self._prototype_frames[frame.name] = frame
-        with torch.random.fork_rng(devices=[]):  # which plates hold data; the random stream is left as it was
+        with torch.random.fork_rng(devices=[]), TrainModeRun():  # which plates hold data; the stream stays as it was
             full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
         data_plates = set().union(*(site_plates(site) for site in full.nodes.values()
                                     if site["type"] == "sample" and site["is_observed"]))
@@ -269,7 +272,7 @@ class AutoIterativeNormal(AutoGuide):
         """The amortized plates' frames for these arguments: the model runs up to its first local site only."""
         names = set(self.layout.plates)
         try:
-            with poutine.block():
+            with poutine.block(), TrainModeRun():
                 poutine.escape(self.model, lambda msg: not site_is_subsample(msg) and names <= site_plates(msg))(
                     *args, **kwargs
                 )
@@ -341,7 +344,8 @@ class AutoIterativeNormal(AutoGuide):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        result = {} if self.globals is None else self.globals(*args, **kwargs)
+        with TrainModeRun():  # the global guide's set-up runs the model
+            result = {} if self.globals is None else self.globals(*args, **kwargs)
         if not self.layout.sites:
             return result
         params = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
@@ -384,9 +388,9 @@ class AutoIterativeNormal(AutoGuide):
         left = left_shape(frames, plate_dim=layout.plate_dim)
         scale = math.prod(plate.size / plate.subsample_size for plate in amortized)
         conditioned.update({name: _plate_indices(plate) for name, plate in plates.items()})
-        log_joint = LocalLogJoint(
-            self.model, args, kwargs, layout=layout, left_shape=left, conditioned=conditioned, subsample_scale=scale
-        )
+        # one context for all the model runs of this refinement (see learned_inference.train_mode)
+        log_joint = LocalLogJoint(self.model, args, kwargs, layout=layout, left_shape=left, conditioned=conditioned,
+                                  subsample_scale=scale, train_mode=TrainModeRun())
         batch, dim = math.prod(left), layout.total_dim
         params = {"loc": self.init_loc.expand(batch, dim), "log_var": self.init_log_var.expand(batch, dim)}
         x = log_joint.observations(params["loc"])

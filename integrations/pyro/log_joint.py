@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 from learned_inference.families import Family, Params
 from learned_inference.model import LatentSpace
 from learned_inference.objectives import Objective, PriorMoments
+from learned_inference.train_mode import TrainModeRun
 
 from .layout import LocalLayout, sample_site, site_plates
 
@@ -66,6 +67,9 @@ class LocalLogJoint:
             subsample indices, keyed by site name.
         subsample_scale: the amortized plates' subsampling factor Π full_size / size, divided out of the site
             scales.
+        train_mode: the context every model run is made in (:class:`~learned_inference.train_mode.TrainModeRun`:
+            batch norms in training mode use the batch's statistics without updating them, dropouts draw the same
+            masks at every run of one refinement), or None to run the model as it is.
     """
 
     def __init__(
@@ -78,16 +82,18 @@ class LocalLogJoint:
         left_shape: tuple[int, ...],
         conditioned: dict[str, Tensor],
         subsample_scale: float = 1.0,
+        train_mode: TrainModeRun | None = None,
     ) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
         self.layout, self.left_shape, self.conditioned = layout, left_shape, conditioned
         self.subsample_scale = subsample_scale
+        self.train_mode = train_mode
 
     def trace(self, u: Tensor) -> tuple[Trace, Tensor]:
         """Runs the model at unconstrained ``u`` ``[*lead, prod(left), D]``: (trace, log|det J| ``[*lead, *left]``)."""
         u = u.reshape(*u.shape[:-2], *self.left_shape, u.shape[-1])
         values, log_det = self.layout.constrain(u)
-        with poutine.block():
+        with poutine.block(), nullcontext() if self.train_mode is None else self.train_mode:
             trace = poutine.trace(poutine.condition(self.model, data={**self.conditioned, **values})).get_trace(
                 *self.args, **self.kwargs
             )
@@ -146,8 +152,11 @@ class TracedObjective(Objective):
     detached). A traced graph with this operation runs, but cannot be saved with ``torch.jit.save``.
     """
 
-    def elbo_and_grad(self, params: Params, x: Tensor, noise: Tensor) -> tuple[Tensor, Params]:
-        """Per-example ELBO ``[B]`` and ∇_λ L, through :class:`_ElboAndGrad`."""
+    def elbo_and_grad(
+        self, params: Params, x: Tensor, noise: Tensor, *, update_statistics: bool = False
+    ) -> tuple[Tensor, Params]:
+        """Per-example ELBO ``[B]`` and ∇_λ L, through :class:`_ElboAndGrad` (a guide never trains the model with
+        it: ``update_statistics`` has no effect)."""
         log_joint = self.model
         assert isinstance(log_joint, LocalLogJoint)
         leaves, tree = pytree.tree_flatten((log_joint.args, log_joint.kwargs, log_joint.conditioned))
