@@ -147,6 +147,42 @@ def test_missing_observations_are_named():
         Predictive(local_model, guide=guide, num_samples=3)(x)
 
 
+def test_a_sequential_plate_is_named_with_the_vectorized_alternative():
+    def model(x, y):
+        for i in pyro.plate("groups", len(x)):
+            z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"obs_{i}", dist.Normal(z + x[i], 0.5), obs=y[i])
+
+    with pytest.raises(NotImplementedError, match=r"sequential pyro.plate 'groups' .* latent site 'z_0'.* Use a "
+                                                  r"vectorized plate, `with pyro.plate\('groups', size\):`.*"
+                                                  r"poutine.block\(model, hide="):
+        AutoIterativeNormal(model, **SMALL)(torch.randn(3), torch.randn(3))
+
+
+def test_a_call_that_skips_the_amortized_plate_names_the_sites_and_the_fix():
+    def model(x, y, local=True):
+        if local:
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+                pyro.sample("obs", dist.Normal(z + x, 0.5), obs=y)
+
+    x, y = torch.randn(5), torch.randn(5)
+    guide = AutoIterativeNormal(model, **SMALL)
+    guide(x, y)
+    with pytest.raises(ValueError, match=r"without reaching a site inside the plate\(s\) \['data'\], where this "
+                                         r"guide amortizes the local latent sites \['z'\].*svi.step.*AutoNormal"):
+        guide(x, y, local=False)
+
+
+def test_a_plate_without_size_is_named_with_the_fix():
+    from learned_inference.integrations.pyro.guide import _plate_indices
+
+    with pytest.raises(ValueError, match=r"plate 'data' gave no subsample indices: it has no size.*"
+                                         r"pyro.plate\('data', <number of datapoints>\)"):
+        _plate_indices(pyro.plate("data"))
+    assert _plate_indices(pyro.plate("data", 3)).tolist() == [0, 1, 2]
+
+
 def test_frozen_guide_does_not_warn():
     x, y = torch.randn(5), torch.randn(5)
     guide = AutoIterativeNormal(local_model, **SMALL)

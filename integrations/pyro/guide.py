@@ -81,7 +81,13 @@ def _inner_step_weights(num_steps: int, batch: int, *, scale: float) -> list[flo
 def _plate_indices(plate: pyro.plate) -> Tensor:
     with plate as indices:
         if indices is None:
-            raise ValueError(f"the amortized plate {plate.name!r} gave no subsample indices")
+            raise ValueError(
+                f"the amortized plate {plate.name!r} gave no subsample indices: it has no size (created as "
+                f"pyro.plate({plate.name!r}) with size=None) or was iterated sequentially before, so this guide "
+                "cannot tell which datapoints the call holds. Give the plate its size where it is created, "
+                f"pyro.plate({plate.name!r}, <number of datapoints>) (subsample_size= to subsample), in the model "
+                "and, within an AutoGuideList, in its create_plates"
+            )
         return indices
 
 
@@ -215,7 +221,15 @@ class AutoIterativeNormal(AutoGuide):
         for _, site in self.prototype_trace.iter_stochastic_nodes():
             for frame in site["cond_indep_stack"]:
                 if not frame.vectorized:
-                    raise NotImplementedError("AutoIterativeNormal does not support sequential pyro.plate")
+                    raise NotImplementedError(
+                        f"AutoIterativeNormal does not support the sequential pyro.plate {frame.name!r} (iterated as "
+                        f"`for i in pyro.plate(...)`) around the latent site {site['name']!r}: it refines a plate's "
+                        f"datapoints together, as one batch. Use a vectorized plate, `with pyro.plate({frame.name!r}, "
+                        "size):` with batched sample statements; or keep the loop and guide its sites yourself: "
+                        "auto = AutoIterativeNormal(poutine.block(model, hide=[<the loop's sites>])), called from a "
+                        "guide function that also samples those sites (Pyro's autoguides, AutoGuideList included, "
+                        "do not support sequential plates either)"
+                    )
                 self._prototype_frames[frame.name] = frame
         with torch.random.fork_rng(devices=[]), TrainModeRun():  # which plates hold data; the stream stays as it was
             full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
@@ -278,7 +292,14 @@ class AutoIterativeNormal(AutoGuide):
                 )
         except NonlocalExit as exit_:
             return [frame for frame in exit_.site["cond_indep_stack"] if frame.name in names]
-        raise ValueError(f"the model did not reach a local site inside plates {sorted(names)} with these arguments")
+        raise ValueError(
+            f"the model, run with this call's arguments, returned without reaching a site inside the plate(s) "
+            f"{sorted(names)}, where this guide amortizes the local latent sites "
+            f"{[site.name for site in self.layout.sites]} (found with the arguments it was set up with): a branch of "
+            "the model skipped them. Call the guide with arguments for which the model samples them (it receives the "
+            "arguments of svi.step, Predictive or the model call), or, if those sites are optional, guide them with "
+            "an autoguide that does not amortize over a plate (AutoNormal)"
+        )
 
     def _check_prototype(self, part_trace: Any) -> None:
         """Lets the internal AutoNormal for the global sites set itself up under this guide (as its master)."""
