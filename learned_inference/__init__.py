@@ -61,8 +61,10 @@ from learned_inference.recursive_mixture import RecursiveMixtureEncoder
 from learned_inference.training import FitHistory, ModelWithInference, fit
 from learned_inference.updates import (
     GatedUpdate,
+    NaturalGradientUpdate,
     PerVariableUpdate,
     ResidualUpdate,
+    StagedUpdate,
     Update,
     gated_update,
     residual_update,
@@ -106,6 +108,7 @@ __all__ = [
     "LogSignGradient",
     "ModelWithInference",
     "MultinomialLikelihood",
+    "NaturalGradientUpdate",
     "Objective",
     "PerVariableNetwork",
     "PerVariableUpdate",
@@ -114,6 +117,7 @@ __all__ = [
     "RecursiveMixtureEncoder",
     "ResidualUpdate",
     "SemiAmortized",
+    "StagedUpdate",
     "StandardEncoder",
     "StandardizedGradient",
     "StepContext",

@@ -15,6 +15,16 @@ from learned_inference.updates import NaturalGradientUpdate, StagedUpdate
 from learned_inference.zoo import ProbabilisticPCA
 
 
+def test_the_default_updates_classes_are_exported_at_the_top_level():
+    import learned_inference
+
+    model = ProbabilisticPCA.random(data_dim=3, latent_dim=2)
+    inference = IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=8)
+    assert isinstance(inference.update, learned_inference.StagedUpdate)
+    assert isinstance(inference.update.then, learned_inference.NaturalGradientUpdate)
+    assert {"StagedUpdate", "NaturalGradientUpdate"} <= set(learned_inference.__all__)
+
+
 def test_gaussian_natural_gradient_uses_the_fisher_information_of_q():
     """F is the Hessian of δ ↦ KL(q_λ || q_{λ+δ}) at 0; the family's natural gradient must be F⁻¹∇."""
     torch.manual_seed(0)
