@@ -130,10 +130,10 @@ class TrainModeRun:
                 module.track_running_stats = False
                 self._switched.append(module)
         elif isinstance(module, _DropoutNd) and inputs and isinstance(inputs[0], Tensor):
+            if self._seed is None:  # drawn before the state is saved, so that the draw stays taken
+                self._seed = int(torch.randint(_SEED_RANGE, (), generator=torch.default_generator))
             generator = _generator(inputs[0].device)
             self._saved.append((generator, generator.get_state()))
-            if self._seed is None:
-                self._seed = int(torch.randint(_SEED_RANGE, (), generator=torch.default_generator))
             ordinal = self._ordinals.setdefault(id(module), len(self._ordinals))
             generator.manual_seed(self._seed + ordinal)
 
