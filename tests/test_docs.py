@@ -176,12 +176,38 @@ def test_every_public_module_is_in_the_api_reference():
 
 # --- the build itself -----------------------------------------------------------------------------------------------
 
-def test_sphinx_build_has_no_warnings(tmp_path: Path):
+@pytest.fixture(scope="module")
+def built_docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HTML of one ``sphinx-build -W`` of the docs (shared by the tests below); fails on any warning."""
     for module in ("sphinx", "myst_parser"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install -e '.[docs]')")
+    tmp_path = tmp_path_factory.mktemp("docs")
     command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
                "-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, f"sphinx-build failed ({' '.join(command)}):\n{done.stdout}\n{done.stderr}"
-    assert (tmp_path / "html" / "index.html").exists()
+    return tmp_path / "html"
+
+
+def test_sphinx_build_has_no_warnings(built_docs: Path):
+    assert (built_docs / "index.html").exists()
+
+
+def test_the_build_documents_every_public_name(built_docs: Path):
+    """Every name in ``learned_inference.__all__`` and the integrations' classes have an entry (an HTML anchor named
+    by their module) on some page: with the ``docs`` extra, which installs Pyro and Lightning, nothing is left out."""
+    for extra in ("pyro", "lightning"):
+        if importlib.util.find_spec(extra) is None:
+            pytest.skip(f"{extra} is not installed (pip install -e '.[docs]')")
+    import learned_inference
+    import learned_inference.integrations.lightning as lightning
+    import learned_inference.integrations.pyro as pyro
+
+    anchors = {a for page in built_docs.glob("*.html") for a in re.findall(r'id="([\w.]+)"', page.read_text("utf-8"))}
+    objects = [getattr(learned_inference, name) for name in learned_inference.__all__ if name != "__version__"]
+    wanted = {f"{obj.__module__}.{obj.__name__}" for obj in objects}  # documented where they are defined
+    # the integrations are documented as packages, under the names their users import
+    wanted |= {f"{package.__name__}.{name}" for package in (pyro, lightning) for name in package.__all__}
+    assert "learned_inference.integrations.lightning.IterativeInferenceModule" in wanted
+    assert not sorted(wanted - anchors), "public names without an entry in the API reference"
