@@ -167,11 +167,12 @@ def _sections() -> dict[str, list[str]]:
 
 
 RECIPES = {"pythae": "pythae", "AntixK's PyTorch-VAE": "antixk"}
+JOINT = "Training a VAE with batch norm jointly"
 
 
 def test_the_page_has_a_recipe_per_library():
-    assert set(_sections()) == set(RECIPES)
-    assert all(len(blocks) == 3 for blocks in _sections().values())  # the model, the wrap, using it
+    assert set(_sections()) == {*RECIPES, JOINT}
+    assert all(len(_sections()[title]) == 3 for title in RECIPES)  # the model, the wrap, using it
 
 
 @pytest.mark.parametrize("title", list(RECIPES), ids=list(RECIPES.values()))
@@ -206,6 +207,23 @@ def test_without_eval_the_batch_norm_is_named(title, stand_ins):
     named = r"model.vae.decoder.(layers.)?\d+ \(BatchNorm\dd\) is in training mode.*model.eval"
     with pytest.raises(ValueError, match=named):
         IterativeInferenceOptimizer(model, latent_dim=options["latent_dim"], hidden_size=8).infer(namespace["x"])
+
+
+def test_the_joint_training_recipe_runs_against_the_real_pythae():
+    """The batch-norm recipe, verbatim, with pythae itself: it trains in training mode, moves each batch norm's
+    running statistics once per training step, and infers in eval mode."""
+    pytest.importorskip("pythae.models.nn.benchmarks.mnist")
+    torch.manual_seed(0)
+    namespace: dict = {}
+    blocks = _sections()[JOINT]
+    exec(compile(blocks[0], f"{PAGE}:{JOINT}:block 1", "exec"), namespace)
+    norms = [m for m in namespace["vae"].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    for number, block in enumerate(blocks[1:], 2):
+        exec(compile(block, f"{PAGE}:{JOINT}:block {number}", "exec"), namespace)
+    assert all(int(m.num_batches_tracked) == len(namespace["loader"]) for m in norms)
+    result = namespace["result"]
+    assert torch.isfinite(result.elbo).all() and not namespace["vae"].training
 
 
 # ---- the wrapped models mean what the libraries' losses mean ---------------------------------------------------
