@@ -84,6 +84,8 @@ class TrainModeRun:
     def __init__(self, *, modules: Iterable[nn.Module] | None = None, updates_statistics: bool = False) -> None:
         self._ids = None if modules is None else {id(m) for m in modules}
         self.updates_statistics = updates_statistics
+        #: the batch norms in training mode the run met (for a test-time error where modules are not known ahead)
+        self.batch_norms_in_training: list[nn.Module] = []
         self._updating = False
         self._seed: int | None = None
         self._ordinals: dict[int, int] = {}
@@ -125,6 +127,8 @@ class TrainModeRun:
         if not module.training or not self._acts_on(module):
             return
         if isinstance(module, _BatchNorm):
+            if all(m is not module for m in self.batch_norms_in_training):
+                self.batch_norms_in_training.append(module)
             if module.track_running_stats and not self._updating:
                 # training mode without tracking: batch statistics, and no in-place update of the buffers
                 module.track_running_stats = False
@@ -179,8 +183,9 @@ def batch_norm_error(name: str, module: nn.Module, *, cause: str) -> ValueError:
             "running statistics, the same map to every example)."
         )
     return ValueError(
-        f"{label} is in training mode at test time (infer(), or forward() without gradients) and log_joint uses it: "
-        f"{coupling} with every test batch. Call model.eval() before inference. (While the model trains jointly "
+        f"{label} is in training mode at test time (a call without gradients: infer(), a Pyro guide's median() or "
+        f"Predictive) and log_joint uses it: {coupling} with every test batch. Call model.eval() before inference "
+        "(for a Pyro model, on the modules it registers with pyro.module). (While the model trains jointly "
         "with the inference method, forward() under autograd accepts training mode: the steps use the batch's "
         "statistics and the running statistics move once per training step; see docs/recipes.md.)"
     )

@@ -281,3 +281,17 @@ def test_pyro_guide_trains_a_model_with_batch_norm_in_training_mode(elbo):
         expected = (1 - norm.momentum) * mean_before + norm.momentum * inputs.mean(0)
         torch.testing.assert_close(norm.running_mean, expected)
         assert torch.isfinite(torch.tensor(loss))
+
+
+def test_pyro_guide_at_test_time_with_batch_norm_in_training_mode_is_an_error():
+    pyro.clear_param_store()
+    decoder = _PyroDecoder()
+    guide = AutoIterativeNormal(_pyro_model(decoder), num_steps=T, hidden_size=8)
+    x = torch.bernoulli(torch.full((8, 5), 0.5))
+    guide(x)  # set up, in training (gradients on)
+    state = _statistics(decoder)
+    with pytest.raises(ValueError, match=r"the model's BatchNorm1d.*in training mode at test time.*pyro.module"):
+        guide.median(x)
+    assert all(torch.equal(v, state[k]) for k, v in _statistics(decoder).items())
+    decoder.eval()
+    assert guide.median(x)["z"].shape == (8, 2)

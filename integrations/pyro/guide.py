@@ -58,7 +58,7 @@ from learned_inference.model import LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
 from learned_inference.objectives import Objective, sample_noise
 from learned_inference.optimizer import learned_step
-from learned_inference.train_mode import TrainModeRun
+from learned_inference.train_mode import TrainModeRun, batch_norm_error
 from learned_inference.updates import make_update
 from learned_inference.validation import check_int
 
@@ -410,8 +410,9 @@ class AutoIterativeNormal(AutoGuide):
         scale = math.prod(plate.size / plate.subsample_size for plate in amortized)
         conditioned.update({name: _plate_indices(plate) for name, plate in plates.items()})
         # one context for all the model runs of this refinement (see learned_inference.train_mode)
+        train_mode = TrainModeRun()
         log_joint = LocalLogJoint(self.model, args, kwargs, layout=layout, left_shape=left, conditioned=conditioned,
-                                  subsample_scale=scale, train_mode=TrainModeRun())
+                                  subsample_scale=scale, train_mode=train_mode)
         batch, dim = math.prod(left), layout.total_dim
         params = {"loc": self.init_loc.expand(batch, dim), "log_var": self.init_log_var.expand(batch, dim)}
         x = log_joint.observations(params["loc"])
@@ -433,6 +434,9 @@ class AutoIterativeNormal(AutoGuide):
                                          generator=generator),
             training=training, train=train, evaluate_last=False,
         )
+        if not train and train_mode.batch_norms_in_training:
+            module = train_mode.batch_norms_in_training[0]
+            raise batch_norm_error(f"the model's {type(module).__name__}", module, cause="test_time")
         if train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
         return {name: value.reshape(*left, dim) for name, value in run.params.items()}
