@@ -2,7 +2,7 @@
 
 Every benchmark script calls :func:`parse_args` (``--scale smoke|full``, ``--threads``, ``--seed``,
 ``--data-path``, ``--out``, ``--checkpoint-dir``, ``--quiet``), :func:`setup`, and finally :func:`write_results`,
-which writes ``<out>/<name>.json`` (the results plus machine, versions, seed, scale and command) and
+which writes ``<out>/<name>.json`` (the results plus machine, versions, seed, scale, command, date and commit) and
 ``<out>/<name>.md`` (a summary whose first line is its only ``#`` heading). Training goes through
 :func:`train_resumable`, which checkpoints after every epoch and resumes from the last one when run again with the
 same configuration (the checkpoint file name is a hash of the configuration).
@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,6 +52,7 @@ __all__ = [
     "median_iqr",
     "metadata",
     "parse_args",
+    "provenance",
     "pyplot",
     "save_figure",
     "setup",
@@ -74,7 +76,8 @@ def parse_args(
     argv: Sequence[str] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
-    """The common options of every benchmark (plus ``extra(parser)``'s); ``args.name`` and ``args.argv`` are set.
+    """The common options of every benchmark (plus ``extra(parser)``'s); ``args.name`` (the result files' name,
+    ``name`` unless the script changes it), ``args.script`` (``benchmarks/<name>.py``) and ``args.argv`` are set.
 
     Raises:
         SystemExit: for invalid options (argparse's message names the option).
@@ -96,6 +99,7 @@ def parse_args(
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     args.name = name
+    args.script = f"benchmarks/{name}.py"
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -108,20 +112,40 @@ def setup(args: argparse.Namespace) -> float:
     return time.perf_counter()
 
 
+def provenance() -> dict[str, Any]:
+    """When and from which code a result was produced: ``date`` (local time with zone), ``commit`` (the checkout's
+    ``HEAD``, None outside a git checkout) and ``commit_dirty`` (whether tracked files differed from it, so that
+    the commit alone does not reproduce the run; None outside a git checkout). Every result file records these."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit,
+            "commit_dirty": None if status is None else bool(status)}
+
+
 def metadata(args: argparse.Namespace) -> dict[str, Any]:
-    """Machine, versions, seed, scale, threads and the command line of this run."""
+    """Machine, versions, seed, scale, threads, the command line (the script that ran, with its options), date and
+    commit (:func:`provenance`) of this run."""
     import numpy
 
     return {
         "benchmark": args.name,
-        "command": " ".join(["python", f"benchmarks/{args.name}.py", *args.argv]),
+        "command": " ".join(["python", args.script, *args.argv]),
         "scale": args.scale,
         "seed": args.seed,
         "threads": args.threads,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **provenance(),
     }
 
 

@@ -28,7 +28,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 from learned_inference import DecoderModel, IterativeInferenceOptimizer, ModelWithInference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 LATENT, DATA, HIDDEN, STEPS = 32, 784, 256, 5
 VARIANTS = ("eager", "network", "whole")
@@ -136,7 +139,6 @@ def main() -> None:
                 for v, s in result["variants"].items()
             )
             print(f"{mode} B={batch}: {cells}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout
     record = {
         "command": "python benchmarks/compile.py " + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v
@@ -144,7 +146,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
                     "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "commit": commit.strip(),
+        "scale": "full",  # the script has one scale; --batches, --modes and --repeats are in the command
+        **common.provenance(),
         "model": {"latent": LATENT, "data": DATA, "hidden": HIDDEN, "num_steps": STEPS},
         "results": results,
     }

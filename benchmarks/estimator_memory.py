@@ -36,6 +36,9 @@ from torch.profiler import ProfilerActivity, profile
 from learned_inference import DecoderModel
 from learned_inference.evaluation import importance_weighted_log_marginal
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
 BATCH, LATENT, HIDDEN, PIXELS = 8, 64, 256, 784
 RESULT = Path(__file__).parent / "results" / "estimator_memory.json"
 
@@ -98,6 +101,8 @@ def main() -> None:
             {
                 "what": "peak tensor memory of importance_weighted_log_marginal (profiler allocator events)",
                 "command": "python benchmarks/estimator_memory.py",
+                "scale": "full",  # the script has one scale
+                **common.provenance(),
                 "model": f"DecoderModel {LATENT}-{HIDDEN}-{HIDDEN}-{PIXELS} ELU, Bernoulli, float32",
                 "batch": BATCH,
                 "bytes_per_sample_estimate": bytes_per_sample,

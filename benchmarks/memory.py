@@ -65,6 +65,9 @@ def measure(steps: int, mode: str) -> float:
 def main() -> None:
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common  # here, like torch: the parent stays small (each measurement is a child's own peak)
+
     samples: dict[str, dict[int, list[float]]] = {m: {s: [] for s in STEPS} for m in MODES}
     for _ in range(REPEATS):
         for steps in STEPS:
@@ -80,6 +83,8 @@ def main() -> None:
     result = {
         "benchmark": "memory",
         "command": "python benchmarks/memory.py",
+        "scale": "full",  # the script has one scale
+        **common.provenance(),
         "method": "peak RSS increase of one training step in a fresh process, MALLOC_MMAP_THRESHOLD_=65536",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
 from learned_inference.integrations.pyro import AutoIterativeNormal, IterativeTrace_ELBO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 DATA = Path("/work/shared/data/binarized_mnist.npz")
 RESULTS = Path(__file__).parent / "results"
@@ -174,6 +178,9 @@ def main() -> None:
     record = {
         "command": "python benchmarks/pyro_vae.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
         "settings": vars(args),
+        "scale": f"{args.epochs} epochs on the first {args.train} training and {args.test} test images of binarized "
+                 "MNIST",
+        **common.provenance(),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
                     "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "note": "seconds are wall-clock on a shared, loaded 2-core machine: indicative only",

@@ -91,3 +91,18 @@ def test_training_resumes_from_checkpoint(tmp_path: Path) -> None:
     model, method = build()
     straight = common.train_model(args, model, method, data, epochs=2, **{**options, "config": {"k": 2}})
     assert straight["train_elbo"] == pytest.approx(both["train_elbo"], rel=1e-5)
+
+
+def test_a_result_records_its_command_date_scale_and_commit(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import common
+
+    args = common.parse_args("frozen_refinement", "test", argv=["--quiet", "--scale", "smoke", "--out", str(tmp_path)])
+    args.name = "frozen_refinement_fashion_mnist"  # as a script that names its result files after an option
+    record = json.loads(common.write_results(args, {"x": 1}, title="t", body=[], started=0.0).read_text())
+    assert record["command"] == f"python benchmarks/frozen_refinement.py --quiet --scale smoke --out {tmp_path}"
+    assert record["scale"] == "smoke" and record["date"].startswith(("20", "21"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS, capture_output=True, text=True)
+    assert record["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(record["commit_dirty"], bool) or record["commit"] is None
+
