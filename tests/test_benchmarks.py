@@ -68,6 +68,46 @@ def test_benchmark_smoke(name: str, tmp_path: Path) -> None:
             assert (tmp_path / line.split("](")[1].rstrip(")")).is_file(), line
 
 
+PYRO_EXAMPLES = Path(os.environ.get("PYRO_EXAMPLES", "/work/pyro_checkout/examples"))
+
+
+def _has_mnist() -> bool:
+    from learned_inference.data import find_data_file
+
+    try:
+        find_data_file("mnist.npz")
+    except (FileNotFoundError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PYRO_EXAMPLES / "lda.py").is_file(),
+                    reason=f"no Pyro checkout's examples at {PYRO_EXAMPLES} (set PYRO_EXAMPLES)")
+@pytest.mark.skipif(not _has_mnist(), reason="mnist.npz not found")
+def test_pyro_examples_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("pyro")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pyro_examples.py"), "--scale", "smoke", "--threads", "1", "--quiet",
+         "--out", str(tmp_path), "--pyro-examples", str(PYRO_EXAMPLES)],
+        check=True, env=env, timeout=600,
+    )
+    result = json.loads((tmp_path / "pyro_examples.json").read_text())
+    for key in ("command", "date", "commit", "pyro_version", "torch_version", "settings", "examples"):
+        assert key in result, key
+    assert set(result["examples"]) == {"vae", "cvae", "lda", "scanvi", "ss_vae_M2", "dmm"}
+    for name, entry in result["examples"].items():
+        for key in ("elbo_own_guide", "elbo_iterative", "elbo_amortized", "seconds_per_epoch_own",
+                    "seconds_per_epoch_iterative", "status", "iterative_minus_own"):
+            assert key in entry, (name, key)
+        assert math.isfinite(entry["elbo_own_guide"]), name
+        if entry["status"] == "ok":
+            assert math.isfinite(entry["elbo_iterative"]) and math.isfinite(entry["iterative_minus_own"]["se"]), name
+    summary = (tmp_path / "pyro_examples.md").read_text()
+    assert summary.startswith("# ") and "| vae |" in summary
+
+
 def test_training_resumes_from_checkpoint(tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     import common
