@@ -189,8 +189,7 @@ def save_checkpoint(path: str | os.PathLike[str], *, step: int, **objects: Any) 
     if bad:
         raise ValueError(_non_finite_message(bad, path))
     buffer = io.BytesIO()
-    torch.save({"step": step, "states": states, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-               buffer)
+    torch.save({"step": step, "states": states, "rng": _rng_states()}, buffer)
     payload = buffer.getbuffer()
     record = _RECORD.pack(_TAG, len(payload), hashlib.sha256(payload).digest())
     target = Path(path)
@@ -275,6 +274,29 @@ def load_checkpoint(
             raise ValueError(f"cannot load the state saved as {name!r} in {file} into {name} "
                              f"({type(obj).__name__}): {error}") from error
     if restore_rng:
-        torch.set_rng_state(payload["rng"]["torch"])
-        random.setstate(payload["rng"]["python"])
+        _restore_rng_states(payload["rng"], file)
     return payload
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global generators' states: Python's, torch's CPU one, and every CUDA device's when CUDA is in use."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any], file: Path) -> None:
+    """Sets the global generators to ``states`` (:func:`_rng_states`); CUDA states need the same number of devices."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    cuda = states.get("cuda")
+    if cuda is None:
+        return
+    if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda):
+        raise CheckpointError(
+            f"{file} holds the random states of {len(cuda)} CUDA device(s), but this machine has "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s): restore_rng=True "
+            "needs the devices the run was saved on; load with restore_rng=False to resume with fresh CUDA streams"
+        )
+    torch.cuda.set_rng_state_all(cuda)

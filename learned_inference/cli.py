@@ -65,6 +65,7 @@ def _demo(args: argparse.Namespace) -> int:
         data, data_name=args.data, epochs=args.epochs, num_steps=args.steps, latent_dim=args.latent_dim,
         hidden_size=args.hidden_size, seed=args.seed, eval_samples=args.eval_samples, report_dir=args.report,
         progress=not args.quiet, transform=transform, command="learned-inference " + " ".join(args.argv),
+        device=args.device,
     )
     return 0
 
@@ -73,11 +74,12 @@ def _train(args: argparse.Namespace) -> int:
     data, transform = load_named_data(args.data, args.path)
     torch.manual_seed(args.seed)
     dim = data.train.shape[1]
+    device = torch.device(args.device)
     model = DecoderModel(highway_decoder(latent_dim=args.latent_dim, data_dim=dim, hidden_size=args.hidden_size),
-                         likelihood="bernoulli", latent_dim=args.latent_dim)
+                         likelihood="bernoulli", latent_dim=args.latent_dim).to(device)
     inference = IterativeInferenceOptimizer(model, latent_dim=args.latent_dim, num_steps=args.steps,
-                                            hidden_size=args.hidden_size)
-    inference.infer(data.train[:2], num_steps=0)  # sizes the lazy input layer before the optimizer sees it
+                                            hidden_size=args.hidden_size).to(device)
+    inference.infer(data.train[:2].to(device), num_steps=0)  # sizes the lazy input layer before the optimizer sees it
     optim = torch.optim.Adam([*model.parameters(), *inference.parameters()], lr=args.lr)
     checkpoint = Path(args.checkpoint)
     start = 0
@@ -86,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"resumed from {checkpoint} at epoch {start}")
     for epoch in range(start, args.epochs):
         history = fit(inference, data.train, epochs=1, optimizer=optim, batch_size=args.batch_size,
-                      seed=args.seed + epoch, progress=not args.quiet, label=f"epoch {epoch + 1}", transform=transform)
+                      seed=args.seed + epoch, progress=not args.quiet, label=f"epoch {epoch + 1}", transform=transform,
+                      device=device)
         save_checkpoint(checkpoint, step=epoch + 1, model=model, inference=inference, optim=optim)
         print(f"epoch {epoch + 1}/{args.epochs}: train ELBO {history.train_elbo[0]:.3f} "
               f"({history.seconds[0]:.1f} s), checkpoint {checkpoint}")
@@ -116,6 +119,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, epochs: int, latent_di
     parser.add_argument("--hidden-size", type=int, default=hidden_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", help="where to train, e.g. cuda or cuda:1 (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -208,5 +208,7 @@ def iterate_batches(
     """Mini-batches of ``data`` (a tensor or a :class:`CountMatrix`), shuffled with ``generator`` if asked."""
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if isinstance(data, Tensor):
+        order = order.to(data.device)  # one copy per epoch, not one per batch
     for start in range(0, n, batch_size):
         yield data[order[start:start + batch_size]]

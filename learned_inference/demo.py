@@ -162,6 +162,7 @@ def run_demo(
     command: str = "learned-inference demo",
     transform: Callable[..., Tensor] | None = None,
     log: Callable[[str], None] = print,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Trains both models, evaluates them on ``data.test`` and writes the report; returns the summary.
 
@@ -183,20 +184,24 @@ def run_demo(
         command: the command line recorded in the report.
         transform: applied to every training batch (e.g. :func:`~learned_inference.data.binarize`).
         log: where the summary table goes.
+        device: where the models train and the test data is evaluated (e.g. ``"cuda"``); training batches move
+            there from ``data.train`` as :func:`~learned_inference.training.fit` moves them.
     """
     data_dim = data.train.shape[1]
     report = Path(report_dir)
     report.mkdir(parents=True, exist_ok=True)
 
+    device = torch.device(device)
+    test = data.test.to(device)
     torch.manual_seed(seed)
-    standard_model = bernoulli_vae(data_dim=data_dim, latent_dim=latent_dim, hidden_size=hidden_size)
-    standard = StandardEncoder(standard_model, latent_dim=latent_dim)
-    standard.infer(data.train[:2])  # sizes the encoder's lazy layer before the optimizer sees it
+    standard_model = bernoulli_vae(data_dim=data_dim, latent_dim=latent_dim, hidden_size=hidden_size).to(device)
+    standard = StandardEncoder(standard_model, latent_dim=latent_dim).to(device)
+    standard.infer(test[:2])  # sizes the encoder's lazy layer before the optimizer sees it
     torch.manual_seed(seed)
     iterative_model = DecoderModel(highway_decoder(latent_dim=latent_dim, data_dim=data_dim, hidden_size=hidden_size),
-                                   likelihood="bernoulli", latent_dim=latent_dim)
+                                   likelihood="bernoulli", latent_dim=latent_dim).to(device)
     iterative = IterativeInferenceOptimizer(iterative_model, latent_dim=latent_dim, num_steps=num_steps,
-                                            hidden_size=hidden_size)
+                                            hidden_size=hidden_size).to(device)
     runs = {"standard": (standard_model, standard), "iterative": (iterative_model, iterative)}
     summary: dict[str, Any] = {
         "data": data_name, "num_train": len(data.train), "num_test": len(data.test), "epochs": epochs, "lr": lr,
@@ -205,10 +210,10 @@ def run_demo(
     }
     for name, (model, method) in runs.items():
         history = fit(method, data.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
-                      label=name, transform=transform)  # Adam over the model's and the method's parameters
+                      label=name, transform=transform, device=device)  # Adam over the model's and the method's
         steps = num_steps if name == "iterative" else 0
         torch.manual_seed(seed + 1)
-        metrics = _evaluate(model, method, data.test, num_steps=steps, samples=eval_samples)
+        metrics = _evaluate(model, method, test, num_steps=steps, samples=eval_samples)
         metrics.update(seconds_per_epoch=sum(history.seconds) / epochs, inference_steps=steps)
         summary["models"][name] = metrics
         summary["learning_curves"][name] = {"train_elbo": history.train_elbo, "seconds": history.seconds}
@@ -216,11 +221,12 @@ def run_demo(
     summary["elbo_gain"] = models["iterative"]["test_elbo"] - models["standard"]["test_elbo"]
     summary["nll_gain"] = models["standard"]["test_nll"] - models["iterative"]["test_nll"]
     torch.manual_seed(seed + 2)
-    summary["inference_curves"] = _step_curves(iterative_model, iterative, data.test, curve_steps)
-    shown = data.test[:6]
+    summary["inference_curves"] = _step_curves(iterative_model, iterative, test, curve_steps)
+    shown = test[:6]
     files = []
     if plots:
-        files = _plot(report, summary, _reconstructions(iterative_model, iterative, shown, num_steps), shown)
+        reconstructions = _reconstructions(iterative_model, iterative, shown, num_steps)
+        files = _plot(report, summary, reconstructions.cpu(), shown.cpu())
     (report / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (report / "report.md").write_text(_markdown(summary, files))
     log(_table(summary))

@@ -177,7 +177,8 @@ class DiagonalGaussian(Family):
                 + 0.5 * step["log_var"].square().sum(-1))
 
     def distribution(self, params: Params) -> Distribution:
-        return Independent(Normal(params["loc"], torch.exp(0.5 * params["log_var"])), 1)
+        scale = torch.exp(0.5 * params["log_var"])  # valid by construction: no validation (it would synchronise)
+        return Independent(Normal(params["loc"], scale, validate_args=False), 1, validate_args=False)
 
     def __repr__(self) -> str:
         return f"DiagonalGaussian(log_var_bounds={self.log_var_bounds})"

@@ -169,8 +169,9 @@ class GaussianMixture(Family):
 
     def distribution(self, params: Params) -> Distribution:
         loc, log_var, log_pi = component_view(params, self.num_components)
-        components = Independent(Normal(loc, torch.exp(0.5 * log_var)), 1)
-        return MixtureSameFamily(Categorical(logits=log_pi), components)
+        # valid by construction: no argument validation (it would synchronise a GPU)
+        components = Independent(Normal(loc, torch.exp(0.5 * log_var), validate_args=False), 1, validate_args=False)
+        return MixtureSameFamily(Categorical(logits=log_pi, validate_args=False), components, validate_args=False)
 
     def __repr__(self) -> str:
         return (f"GaussianMixture(num_components={self.num_components}, log_var_bounds={self.log_var_bounds}, "

@@ -351,11 +351,8 @@ class DecoderModel(nn.Module):
         return self.likelihood.mean(self.decode(z))
 
     def prior(self) -> Distribution:
-        """N(0, I) over ``D`` dimensions (event shape ``[D]``)."""
-        p = next(iter(self.parameters()), None)
-        dtype, device = (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), None)
-        zeros = torch.zeros(self.latent_space.total_dim, dtype=dtype, device=device)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        """N(0, I) over ``D`` dimensions (event shape ``[D]``), in the decoder's dtype and on its device."""
+        return standard_normal_prior(self.latent_space.total_dim, like=self)
 
     def log_prior(self, z: Tensor) -> Tensor:
         """log N(z; 0, I), shape ``z.shape[:-1]``."""
@@ -478,8 +475,8 @@ class VAEModel(nn.Module):
         return self.model.likelihood_mean(z)
 
     def prior(self) -> Distribution:
-        """N(0, I) over ``D`` dimensions."""
-        return self.model.prior()
+        """N(0, I) over ``D`` dimensions, in the VAE's dtype and on its device."""
+        return standard_normal_prior(self.model.latent_space.total_dim, like=self)
 
     def log_prior(self, z: Tensor) -> Tensor:
         """log N(z; 0, I), shape ``z.shape[:-1]``."""
@@ -492,6 +489,17 @@ class VAEModel(nn.Module):
     def check_support(self, x: Tensor) -> None:
         """Raises ``ValueError`` if ``x`` is outside the likelihood's support."""
         self.model.check_support(x)
+
+
+def standard_normal_prior(dim: int, *, like: nn.Module) -> Distribution:
+    """N(0, I) over ``dim`` dimensions (event shape ``[dim]``), in the dtype and on the device of ``like``'s first
+    floating-point parameter or buffer (the default dtype on the CPU for a module without one). Built without
+    argument validation: its parameters are valid by construction, and validation would synchronise a GPU."""
+    tensors = (t for t in (*like.parameters(), *like.buffers()) if t.is_floating_point())
+    first = next(tensors, None)
+    dtype, device = (first.dtype, first.device) if first is not None else (torch.get_default_dtype(), None)
+    zeros = torch.zeros(dim, dtype=dtype, device=device)
+    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False)
 
 
 def check_model(model: object) -> None:

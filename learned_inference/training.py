@@ -136,6 +136,7 @@ def fit(
     progress: bool = True,
     label: str | None = None,
     max_grad_norm: float | None = None,
+    device: torch.device | str | None = None,
 ) -> FitHistory:
     """Trains ``method`` and the user's model behind it (``method.model``) on ``method(x).loss``.
 
@@ -146,7 +147,7 @@ def fit(
     where ``loss`` is the method's own training loss (for
     :class:`~learned_inference.IterativeInferenceOptimizer`: the mean over steps of −L_t for φ and −L_T for θ;
     for a plain VAE encoder: −L_0). Gradients are zeroed before every batch. Nothing else is done to the
-    modules: their train/eval mode, device and dtype stay as they are.
+    modules: their train/eval mode, device and dtype stay as they are (put them on ``device`` yourself).
 
     Args:
         method: any inference method: an ``nn.Module`` whose ``forward(x)`` returns a result with ``loss`` (a
@@ -183,6 +184,9 @@ def fit(
             clip that is always active only rescales every gradient alike, which Adam is nearly invariant to.
             Whatever this option, a batch whose gradient is not finite is skipped (no optimizer step) with a
             warning.
+        device: where the model and the method are (e.g. ``"cuda"``): every batch (from a CPU tensor, a
+            ``CountMatrix`` or a ``DataLoader``) and ``validation`` are moved there, CPU batches through pinned
+            memory without blocking; None (default) uses the batches where they are.
 
     Returns:
         A :class:`FitHistory` with one entry per epoch.
@@ -214,8 +218,9 @@ def fit(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     batches = _batches(data, batch_size)
+    target = None if device is None else torch.device(device)
     if validation is not None:
-        check_data(validation, name="validation")
+        validation = _to_device(check_data(validation, name="validation"), target)
     if optimizer is None:
         optimizer = torch.optim.Adam(_trainable_parameters(method), lr=_check_lr(1e-3 if lr is None else lr))
     elif not isinstance(optimizer, torch.optim.Optimizer):
@@ -235,6 +240,7 @@ def fit(
         start, total, count = time.perf_counter(), 0.0, 0  # total: a float64 tensor on the batches' device
         norms: list[float] = []
         for x in batches(generators[torch.device("cpu")]):
+            x = _to_device(x, target)
             if transform is not None:
                 if x.device not in generators:
                     generators[x.device] = torch.Generator(x.device).manual_seed(seed)
@@ -262,6 +268,16 @@ def fit(
             shown["validation_elbo"] = f"{history.validation_elbo[-1]:.2f}"
         bar.set_postfix(shown)
     return history
+
+
+def _to_device(x: Tensor, device: torch.device | None) -> Tensor:
+    """``x`` on ``device`` (None: where it is); a CPU tensor bound for a GPU goes through pinned memory, and the
+    copy does not block the host."""
+    if device is None or x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def _clip_gradients(parameters: list[Tensor], max_norm: float | None) -> float:

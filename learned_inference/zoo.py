@@ -69,7 +69,7 @@ class ProbabilisticPCA(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
-        self.register_buffer("log_var", torch.tensor(float(log_var), dtype=weight.dtype))
+        self.register_buffer("log_var", torch.tensor(float(log_var), dtype=weight.dtype, device=weight.device))
 
     @classmethod
     def random(
@@ -103,7 +103,7 @@ class ProbabilisticPCA(nn.Module):
 
     def prior(self) -> Distribution:
         zeros = torch.zeros(self.latent_dim, dtype=self.weight.dtype, device=self.weight.device)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False)
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         return self.log_likelihood(x, z) + self.log_prior(z)
@@ -179,8 +179,8 @@ class MixturePriorModel(nn.Module):
             raise ValueError(f"means must be [J, D] (one row per prior component), got shape {list(means.shape)}")
         if not (scale > 0 and noise_scale > 0):
             raise ValueError(f"scale and noise_scale must be > 0, got {scale!r} and {noise_scale!r}")
-        weights = torch.full((means.shape[0],), 1.0 / means.shape[0], dtype=means.dtype) if weights is None \
-            else weights.to(means.dtype)
+        weights = means.new_full((means.shape[0],), 1.0 / means.shape[0]) if weights is None \
+            else weights.to(means)
         if weights.shape != means.shape[:1] or not bool((weights > 0).all()):
             raise ValueError(f"weights must be {means.shape[0]} positive numbers, got {weights!r}")
         self.register_buffer("means", means)
@@ -338,8 +338,8 @@ class LinearGaussianHierarchy(nn.Module):
         super().__init__()
         self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
         self.top_weight, self.top_bias = nn.Parameter(top_weight), nn.Parameter(top_bias)
-        self.register_buffer("log_var", torch.tensor(float(log_var), dtype=weight.dtype))
-        self.register_buffer("top_log_var", torch.tensor(float(top_log_var), dtype=weight.dtype))
+        self.register_buffer("log_var", torch.tensor(float(log_var), dtype=weight.dtype, device=weight.device))
+        self.register_buffer("top_log_var", torch.tensor(float(top_log_var), dtype=weight.dtype, device=weight.device))
 
     @classmethod
     def random(

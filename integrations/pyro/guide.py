@@ -231,7 +231,8 @@ class AutoIterativeNormal(AutoGuide):
                         "do not support sequential plates either)"
                     )
                 self._prototype_frames[frame.name] = frame
-        with torch.random.fork_rng(devices=[]), TrainModeRun():  # which plates hold data; the stream stays as it was
+        # which plates hold data; the random streams of the devices in use stay as they were
+        with torch.random.fork_rng(devices=_cuda_devices(self.prototype_trace)), TrainModeRun():
             full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
         data_plates = set().union(*(site_plates(site) for site in full.nodes.values()
                                     if site["type"] == "sample" and site["is_observed"]))
@@ -252,9 +253,10 @@ class AutoIterativeNormal(AutoGuide):
         self.register_buffer("init_loc", init_loc)
         self.register_buffer("init_log_var", torch.zeros_like(init_loc))
         network = make_network(self._network, hidden_size=self._hidden_size, num_layers=self._num_layers)
-        self.update = make_update(self._update_name, self.family.param_names,
-                                  hidden_size=network.hidden_size, dim=self.layout.total_dim)
-        self.network = network
+        # built on the data's device (a lazy input layer is then sized there); the guide moves with .to() later
+        self.update = make_update(self._update_name, self.family.param_names, hidden_size=network.hidden_size,
+                                  dim=self.layout.total_dim).to(init_loc.device)
+        self.network = network.to(init_loc.device)
 
     def _create_plates(self, *args: Any, **kwargs: Any) -> dict[str, pyro.plate]:
         """Creates the plates (as every AutoGuide), with the amortized plates sized on this call's data.
@@ -592,6 +594,12 @@ def _reads_data_only(encoding: Encoding) -> bool:
     if isinstance(encoding, Concat):
         return all(_reads_data_only(part) for part in encoding.encodings)
     return isinstance(encoding, (Data, PosteriorParams))
+
+
+def _cuda_devices(trace: Any) -> list[int]:
+    """The indices of the CUDA devices that hold a value of ``trace`` (for ``fork_rng``)."""
+    values = [site["value"] for site in trace.nodes.values() if isinstance(site.get("value"), Tensor)]
+    return sorted({int(v.device.index or 0) for v in values if v.device.type == "cuda"})
 
 
 def _frame(plate: pyro.plate) -> Any:

@@ -130,7 +130,8 @@ class LocalLogJoint:
             shape = fn.batch_shape + fn.event_shape
             if not math.prod(fn.event_shape):  # nothing observed, e.g. pyro.factor's empty value
                 continue
-            features.append(self.layout.datapoint_features(value.float().expand(shape), event_dim=fn.event_dim))
+            value = value.to(u.dtype)  # read in λ's dtype: a float64 model keeps its observations exact
+            features.append(self.layout.datapoint_features(value.expand(shape), event_dim=fn.event_dim))
         if not features:
             return u.new_zeros(math.prod(self.left_shape), 0)
         width = [f.shape[-1] for f in features]
