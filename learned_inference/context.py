@@ -74,6 +74,7 @@ class RunConstants:
     def __init__(self, *, capture: bool = False) -> None:
         self.capture = capture
         self.capturing = False
+        self.capture_scale = 1.0
         self._values: dict[str, Tensor] = {}
         #: the gated values (with their graphs) and the gradient captured for each so far (None: none yet)
         self.gated: list[Tensor] = []
@@ -91,13 +92,13 @@ class RunConstants:
         return self._values[key]
 
     @contextmanager
-    def capturing_gradients(self) -> Iterator[None]:
-        """Within: gradients that reach a gated value are added to ``captured`` and go no further."""
-        self.capturing = True
+    def capturing_gradients(self, scale: float = 1.0) -> Iterator[None]:
+        """Within: gradients that reach a gated value are added to ``captured``, times ``scale``, and go no further."""
+        self.capturing, self.capture_scale = True, scale
         try:
             yield
         finally:
-            self.capturing = False
+            self.capturing, self.capture_scale = False, 1.0
 
 
 class _Gate(torch.autograd.Function):
@@ -113,6 +114,7 @@ class _Gate(torch.autograd.Function):
         constants: RunConstants = ctx.constants
         if not constants.capturing:
             return grad, None, None
+        grad = grad * constants.capture_scale if constants.capture_scale != 1.0 else grad
         total = constants.captured[ctx.index]
         constants.captured[ctx.index] = grad if total is None else total + grad
         return None, None, None

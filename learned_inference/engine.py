@@ -177,19 +177,22 @@ class TrainingLoss:
         if not self.phi:
             return
         names = list(grads)
-        # The shared values' graphs serve every step: kept (retain_graph) and taken once, in finish().
-        with self.constants.capturing_gradients():
+        # The shared values' graphs serve every step: kept (retain_graph) and taken once, in finish(). The product
+        # is taken against the unweighted −∇_λ L_t (per example, of order one) and weighted afterwards, in the
+        # parameters' precision: under float16 autocast, the small weight w_t = 1/(B T) would push the backward's
+        # half-precision intermediates towards underflow (a loss scale the engine applies itself, exactly).
+        with self.constants.capturing_gradients(scale=weight):
             step_grads = torch.autograd.grad([params[n] for n in names], self.phi,
-                                             grad_outputs=[-weight * grads[n] for n in names], allow_unused=True,
+                                             grad_outputs=[-grads[n] for n in names], allow_unused=True,
                                              retain_graph=bool(self.constants.gated))
-        self._add_phi_grads(step_grads)
+        self._add_phi_grads(step_grads, scale=weight)
 
-    def _add_phi_grads(self, grads: Sequence[Tensor | None]) -> None:
+    def _add_phi_grads(self, grads: Sequence[Tensor | None], *, scale: float = 1.0) -> None:
         if self.phi_grads is None:
             self.phi_grads = [torch.zeros_like(p) for p in self.phi]
         for total, g in zip(self.phi_grads, grads, strict=True):
             if g is not None:  # None: a head this step did not use
-                total.add_(g)
+                total.add_(g, alpha=scale)
 
     def observe_final(self, values: Tensor, healthy: Tensor, refit: Callable[[Tensor], Tensor]) -> None:
         """The model's term: −L_T over the healthy rows (``refit(rows)`` re-evaluates them alone)."""

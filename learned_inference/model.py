@@ -699,6 +699,14 @@ def _check_differentiable(model: LatentModel, x: Tensor, space: LatentSpace, num
             "torch operations."
         ) from None
     except RuntimeError as error:
+        if "cudnn RNN backward can only be called in training mode" in str(error):
+            raise ValueError(
+                "model.log_joint(x, z) runs a cuDNN recurrent layer (nn.LSTM, nn.GRU, nn.RNN) in eval mode, and "
+                "cuDNN differentiates those only in training mode, which the λ-gradient needs at every step. Put "
+                "the recurrent layers (only them) in training mode: an RNN without dropout computes the same in "
+                "both modes, e.g. model.eval(); model.decoder.rnn.train(). Or evaluate without cuDNN: "
+                f"torch.backends.cudnn.flags(enabled=False) around inference (slower). ({error})"
+            ) from error
         if "mutate a captured Tensor" in str(error):
             raise ValueError(
                 "model.log_joint(x, z) modifies a tensor in place that it did not create (e.g. a buffer or running "
@@ -777,6 +785,5 @@ def check_log_joint(model: LatentModel, x: Tensor, space: LatentSpace, *, num_sa
         _check_output(model, x, space, num_samples)
         _check_differentiable(model, x, space, num_samples)
         _check_independent(model, x, space, num_samples)
-    modules = [m for _, m in _named_modules(model)]
-    return ModelModes(batch_norms=tuple(watch.batch_norms), dropouts=tuple(watch.dropouts), modules=modules,
-                      parameters=lambda: (p for m in modules for p in m.parameters(recurse=False)))
+    return ModelModes(batch_norms=tuple(watch.batch_norms), dropouts=tuple(watch.dropouts),
+                      modules=[m for _, m in _named_modules(model)])

@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -198,14 +198,13 @@ class ModelModes:
     Attributes:
         batch_norms: ``(name, module)`` of every batch norm log_joint uses.
         dropouts: ``(name, module)`` of every dropout log_joint uses.
-        modules: every module of the model (what a :class:`TrainModeRun` acts on).
-        parameters: returns the model's parameters (to tell a trained model from a frozen one).
+        modules: every module of the model (what a :class:`TrainModeRun` acts on; their parameters tell a
+            model that trains from a frozen one).
     """
 
     batch_norms: Sequence[tuple[str, nn.Module]] = ()
     dropouts: Sequence[tuple[str, nn.Module]] = ()
     modules: Sequence[nn.Module] = ()
-    parameters: Callable[[], Iterable[Tensor]] = field(default=lambda: (), repr=False)
     _warned: bool = field(default=False, repr=False)
 
     def run(self, *, train: bool) -> TrainModeRun | None:
@@ -221,7 +220,8 @@ class ModelModes:
         dropouts = [(name, m) for name, m in self.dropouts if m.training]
         if batch_norms and not train:
             raise batch_norm_error(*batch_norms[0], cause="test_time")
-        if batch_norms and not any(p.requires_grad for p in self.parameters()):
+        parameters = (p for m in self.modules for p in m.parameters(recurse=False))
+        if batch_norms and not any(p.requires_grad for p in parameters):
             raise batch_norm_error(*batch_norms[0], cause="frozen")
         if dropouts and not train and not self._warned:
             self._warned = True

@@ -33,6 +33,14 @@ def check_data(x: object, *, name: str = "x") -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
+    if x.dtype == torch.float16:
+        raise TypeError(
+            f"{name} is float16: half precision's largest value, 65504, is below exp(12), the inverse posterior "
+            "variance at the posterior families' lower log-variance bound, and the gradient encodings' eps = 1e-8 "
+            "rounds to 0 in it, so refinement would overflow. Keep the data and the model in float32 and train under "
+            "torch.autocast(device_type, dtype=torch.bfloat16), or float16 autocast with a torch.amp.GradScaler; or "
+            "use bfloat16 data and model (the range of float32)."
+        )
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch of shape [B, *event] with B >= 1, got {list(x.shape)}")
     if not bool(torch.isfinite(x).all()):
