@@ -93,6 +93,8 @@ def parse_args(
     parser.add_argument("--checkpoint-dir", type=Path, default=DEFAULT_CHECKPOINTS,
                         help=f"training checkpoints, resumed when present (default {DEFAULT_CHECKPOINTS})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu",
+                        help="where to run, e.g. cuda (default cpu): torch's default device for the run")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -105,8 +107,12 @@ def parse_args(
 
 
 def setup(args: argparse.Namespace) -> float:
-    """Sets the thread count and the seed, creates ``args.out``; returns the start time (``perf_counter``)."""
+    """Sets the thread count, the seed and the default device (``--device``: tensors and modules the script
+    creates land there), creates ``args.out``; returns the start time (``perf_counter``)."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        torch.set_default_device(device)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     return time.perf_counter()
@@ -142,6 +148,7 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "scale": args.scale,
         "seed": args.seed,
         "threads": args.threads,
+        "device": getattr(args, "device", "cpu"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},

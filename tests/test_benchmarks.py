@@ -146,3 +146,19 @@ def test_a_result_records_its_command_date_scale_and_commit(tmp_path: Path) -> N
     assert record["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert isinstance(record["commit_dirty"], bool) or record["commit"] is None
 
+
+
+def test_gpu_benchmark_runs_at_smoke_scale_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu.py, prepared for a GPU machine, runs here (``--device cpu``) and records what it promises."""
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu.py"), "--scale", "smoke", "--threads", "1", "--quiet", "--device",
+         "cpu", "--out", str(tmp_path)],
+        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["device"] == "cpu" and result["device_name"].startswith("CPU")
+    assert set(result["results"]) == {f"{p}/batch{b}" for p in ("fp32", "bf16") for b in (8, 16)}  # no TF32 on a CPU
+    for row in result["results"].values():
+        assert all(v is not None and math.isfinite(v) and v > 0 for v in row["examples_per_s"].values())
+        assert row["train_ratio"] > 1  # T = 5 steps cost more than one encoder pass
+    assert set(result["checks"]) == {"train_T5_at_most_3x_standard_at_batch16", "learned_test_step_at_most_1.3x_adam"}

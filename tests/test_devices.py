@@ -267,7 +267,7 @@ def test_cuda_lightning_bf16_mixed():
     inference = _inference(torch.float32)
     x = _x(torch.float32).repeat(4, 1)
     inference.infer(x[:2], num_steps=0)
-    module = IterativeInferenceModule(inference, lr=1e-3)
+    module = IterativeInferenceModule(inference)
     trainer = lightning.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1,
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, torch.utils.data.DataLoader(x, batch_size=8))
