@@ -211,7 +211,7 @@ class GaussianLikelihood(Likelihood):
             self.register_buffer("log_var", value)
 
     def log_prob(self, output: Tensor, x: Tensor) -> Tensor:
-        log_var = self.log_var.to(output.dtype)
+        log_var = self.log_var.to(output)  # the output's dtype and device
         return sum_event_dims(gaussian_log_prob(output, log_var, x), x.dim() - 1)
 
     def mean(self, output: Tensor) -> Tensor:

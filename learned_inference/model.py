@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, cast, runtime_checkable
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 Latents = Tensor | dict[str, Tensor]
+
+#: log 2π, a Python float: no tensor is created per call (on the CPU, or on the device)
+_LOG_2PI = math.log(2 * math.pi)
 
 #: field names read from an encoder's output when it is a mapping or an object (e.g. pythae's ``ModelOutput``):
 #: the posterior mean, then the log-variance; exactly one name of each must be present
@@ -378,7 +382,7 @@ class DecoderModel(nn.Module):
 
 def gaussian_standard_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) summed over the last dimension."""
-    return -0.5 * (z.square() + torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype))).sum(-1)
+    return -0.5 * (z.square() + _LOG_2PI).sum(-1)
 
 
 def _unregistered(fn: Callable[..., Any], vae: object) -> Callable[..., Any]:
