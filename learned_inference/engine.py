@@ -37,7 +37,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 from typing import Any, Protocol
 
 import torch
@@ -50,7 +50,10 @@ from learned_inference.objectives import Objective, sample_noise
 __all__ = [
     "ON_NONFINITE",
     "IterateAveraging",
+    "Observer",
+    "RecordIterates",
     "Step",
+    "StepRecord",
     "Stopping",
     "Training",
     "TrainingLoss",
@@ -261,6 +264,11 @@ class Stopping:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
+    def watch(self, objective: Objective, x: Tensor, lam_0: Params) -> Observer:
+        """The observer of one test-time run from ``lam_0`` (it draws its common noise now, from the global
+        generator)."""
+        return _Watch(self, objective, x, lam_0)
+
 
 @dataclass(frozen=True)
 class IterateAveraging:
@@ -304,6 +312,13 @@ class IterateAveraging:
         """This averaging with ``start`` set (``default`` where it is None)."""
         return self if self.start is not None else IterateAveraging(start=default, eta=self.eta)
 
+    def watch(self) -> Observer:
+        """The observer of one test-time run (``start`` must be set: :meth:`starting_at`)."""
+        if self.start is None:
+            raise ValueError("averaging is a test-time estimate with a start step: pass IterateAveraging(start=...), "
+                             "or starting_at(num_steps), to a test-time run (train=False)")
+        return _Averager(self)
+
     def update(self, average: Params | None, params: Params, t: int) -> Params | None:
         """λ̄_t from λ̄_{t−1} (``average``) and λ_t (``params``, detached); None before ``start``."""
         if self.start is None:
@@ -326,36 +341,109 @@ class IterateAveraging:
         return out
 
 
-class _Watch:
-    """Per-example state of :class:`Stopping` over one run."""
+class Observer:
+    """Watches a refinement run (:func:`refine`); the base class does nothing.
 
-    def __init__(self, stopping: Stopping, objective: Objective, x: Tensor, params: Params) -> None:
+    At every step t the loop asks each observer, in order, whether it replaces the estimate the run would return
+    after the step (:meth:`estimate`; λ_t when none does), evaluates L_t and ∇_λ L_t (at the estimate on the last
+    step), and hands the :class:`StepRecord` to :meth:`observe`; at the end :meth:`finish` may replace the returned
+    estimate.
+    """
+
+    #: a test-time observer, refused in a training run
+    test_time_only = False
+
+    def estimate(self, t: int, lam_t: Params) -> Params | None:
+        """The estimate after step t given λ_t (detached), or None to leave it to λ_t (or to other observers)."""
+        return None
+
+    def observe(self, record: StepRecord) -> Tensor | None:
+        """Takes step t's record; returns which examples may still move (None: no opinion)."""
+        return None
+
+    def finish(self, estimate: Params) -> Params:
+        """The run's estimate, given the last one."""
+        return estimate
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What the loop hands its observers at step t.
+
+    Attributes:
+        t: the step.
+        lam_t: λ_t, detached.
+        estimate: the estimate the run would return after this step (λ_t, or an average of the iterates).
+        elbo: L_t ``[B]`` at the λ evaluated (λ_t; the estimate at the last step).
+        grads: ∇_λ L_t, zero on unhealthy rows.
+        healthy: ``[B]``, whether L_t and ∇_λ L_t are finite.
+    """
+
+    t: int
+    lam_t: Params
+    estimate: Params
+    elbo: Tensor
+    grads: Params
+    healthy: Tensor
+
+
+class RecordIterates(Observer):
+    """Keeps λ_0, …, λ_T (detached) in :attr:`iterates`."""
+
+    def __init__(self) -> None:
+        self.iterates: list[Params] = []
+
+    def observe(self, record: StepRecord) -> None:
+        self.iterates.append(record.lam_t)
+        return None
+
+
+class _Averager(Observer):
+    """:class:`IterateAveraging` over one run: the estimate is the running average from its start step on."""
+
+    test_time_only = True
+
+    def __init__(self, averaging: IterateAveraging) -> None:
+        self.averaging = averaging
+        self.average: Params | None = None
+
+    def estimate(self, t: int, lam_t: Params) -> Params | None:
+        self.average = self.averaging.update(self.average, lam_t, t)
+        return self.average
+
+
+class _Watch(Observer):
+    """:class:`Stopping` over one run: scores each estimate on common noise, stops examples, keeps the best."""
+
+    test_time_only = True
+
+    def __init__(self, stopping: Stopping, objective: Objective, x: Tensor, lam_0: Params) -> None:
         self.stopping, self.objective, self.x = stopping, objective, x
         batch, dim = x.shape[0], objective.space.total_dim
         samples = stopping.samples if objective.family.stochastic else 1
         self.noise = (sample_noise(samples, batch, dim, dtype=x.dtype, device=x.device) if objective.family.stochastic
                       else x.new_zeros(1, batch, dim))
         self.best_value = x.new_full((batch,), -torch.inf)
-        self.best_params = detach(params)
+        self.best_lam = detach(lam_0)
         self.waiting = torch.zeros(batch, dtype=torch.long, device=x.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=x.device)
 
     @torch.no_grad()
-    def observe(self, lam: Params) -> Tensor:
-        """Scores λ_t on the common noise; returns which examples still move."""
+    def observe(self, record: StepRecord) -> Tensor:
+        """Scores the estimate on the common noise; returns which examples still move."""
         with full_precision(self.x):
-            value = self.objective.elbo(lam, self.x, self.noise)
+            value = self.objective.elbo(record.estimate, self.x, self.noise)
         tol = self.stopping.tol or 0.0
         better = torch.isfinite(value) & (value > self.best_value + tol * self.best_value.abs().nan_to_num(posinf=0))
         self.best_value = torch.where(better, value, self.best_value)
-        self.best_params = {n: torch.where(better[:, None], p, self.best_params[n]) for n, p in lam.items()}
+        self.best_lam = {n: torch.where(better[:, None], p, self.best_lam[n]) for n, p in record.estimate.items()}
         self.waiting = torch.where(better, 0, self.waiting + 1)
         if self.stopping.tol is not None:
             self.active = self.active & (self.waiting < self.stopping.patience)
         return self.active
 
-    def result(self, params: Params) -> Params:
-        return self.best_params if self.stopping.keep_best else params
+    def finish(self, estimate: Params) -> Params:
+        return self.best_lam if self.stopping.keep_best else estimate
 
 
 @dataclass(frozen=True)
@@ -363,20 +451,20 @@ class Trajectory:
     """What a refinement run returns.
 
     Attributes:
-        params: λ_T (keeping its graph to the step's parameters when a training run left it one).
-        elbo: ``[T + 1, B]`` (``[T, B]`` without the final evaluation) ELBOs L_0, …, L_T.
+        params: the estimate: λ_T (keeping its graph to the step's parameters when a training run left it one), or
+            what the observers made of it (the average of the iterates, the best λ seen).
+        elbo: ``[T + 1, B]`` ELBOs L_0, …, L_T (``[T, B]`` without the final evaluation; fewer rows when every
+            example stopped early).
         grad_norm: per-example ‖∇_λ L_t‖ at every evaluated step, like ``elbo``.
         healthy: whether each example's ELBO and gradient were finite at each step, like ``elbo``.
-        params_history: λ_0, …, λ_T detached, when asked for.
         loss: the training loss (:class:`TrainingLoss`); its value alone, without a graph, at test time.
-        steps: ``[B]``, the updates applied to each example (fewer than T where :class:`Stopping` stopped it).
+        steps: ``[B]``, the updates applied to each example (fewer than T where an observer stopped it).
     """
 
     params: Params
     elbo: Tensor
     grad_norm: Tensor
     healthy: Tensor
-    params_history: list[Params] | None
     loss: Tensor
     steps: Tensor
 
@@ -392,13 +480,79 @@ def _detached(state: Any) -> Any:
     return state
 
 
-def _stack(values: list[Tensor], batch: int, like: Tensor) -> Tensor:
-    return torch.stack(values) if values else like.new_zeros(0, batch)
+@dataclass(frozen=True)
+class _Mode:
+    """How one run evaluates and steps: whether it trains, backpropagates through the steps, to second order."""
+
+    train: bool
+    through_steps: bool
+    second_order: bool
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """L_t, ∇_λ L_t (zero on unhealthy rows), their health and the per-example gradient norm (before masking)."""
+
+    values: Tensor
+    grads: Params
+    healthy: Tensor
+    norm: Tensor
+
+
+def _evaluate(objective: Objective, lam: Params, x: Tensor, noise: Tensor, *, mode: _Mode, last: bool) -> _Evaluation:
+    """The ELBO and its λ-gradient at ``lam`` (full precision; with a graph where the run trains from it)."""
+    with torch.set_grad_enabled(mode.train and (last or mode.second_order)), full_precision(x):
+        # L_T of a training run trains the model: evaluated as its own forward (running statistics move once)
+        values, grads = objective.elbo_and_grad(lam, x, noise, update_statistics=mode.train and last)
+        healthy = reduce(torch.logical_and, [torch.isfinite(g.detach()).all(-1) for g in grads.values()],
+                         torch.isfinite(values.detach()))
+        if mode.second_order and not last and not bool(healthy.all()):
+            # Differentiating through the gradient, a non-finite row's derivatives would turn the zero it is masked
+            # with into NaN: evaluate again with that row's λ cut from the graph.
+            cut = {n: torch.where(healthy[:, None], p, p.detach()) for n, p in lam.items()}
+            values, grads = objective.elbo_and_grad(cut, x, noise)
+    norm = torch.sqrt(reduce(torch.add, [g.detach().square().sum(-1) for g in grads.values()]))
+    return _Evaluation(values, {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}, healthy, norm)
+
+
+def _advance(step: Step, context: StepContext, state: Any, moving: Tensor, *,
+             mode: _Mode) -> tuple[Params, Any, Tensor]:
+    """λ_{t+1}: the step's proposal, constrained, on the healthy rows that still move (the others keep λ_t); the
+    carried state (detached between steps unless training through them); which rows moved."""
+    with torch.set_grad_enabled(mode.train):
+        proposal, state = step(context, state)
+        if not mode.through_steps:  # constant memory: no graph is carried from step to step
+            state = _detached(state)
+        proposal = context.objective.family.constrain(proposal)
+        update = context.healthy & moving
+        lam_next = {n: torch.where(update[:, None], proposal[n].to(v.dtype), v) for n, v in context.params.items()}
+    return lam_next, state, update
+
+
+def _refit(objective: Objective, lam: Params, x: Tensor, noise: Tensor, rows: Tensor) -> Tensor:
+    """L_T of the rows ``rows`` alone (the model's term when other rows are not finite)."""
+    with full_precision(x):
+        return objective.elbo({n: v[rows] for n, v in lam.items()}, x[rows], noise[:, rows])
+
+
+def _check_run(on_nonfinite: str, train: bool, observers: Sequence[Observer]) -> None:
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    refused = [type(o).__name__ for o in observers if o.test_time_only]
+    if train and refused:
+        raise ValueError(f"{refused} are test-time observers (stopping, keep-best, iterate averaging): use them with "
+                         "infer() or a run with train=False, not in training")
+
+
+def _estimate(observers: Sequence[Observer], t: int, lam_t: Params) -> Params | None:
+    """The estimate the observers make of step t (None: λ_t itself)."""
+    replaced = [e for e in (o.estimate(t, detach(lam_t)) for o in observers) if e is not None]
+    return replaced[-1] if replaced else None
 
 
 def refine(
     step: Step,
-    initial: Params,
+    lam_0: Params,
     x: Tensor,
     *,
     objective: Objective,
@@ -407,16 +561,14 @@ def refine(
     training: Training | None = None,
     train: bool = False,
     on_nonfinite: str = "warn",
-    record_params: bool = False,
+    observers: Sequence[Observer] = (),
     evaluate_last: bool = True,
-    stopping: Stopping | None = None,
-    averaging: IterateAveraging | None = None,
 ) -> Trajectory:
-    """Runs ``num_steps`` refinement steps from λ_0 = ``initial`` (see the module docstring).
+    """Runs ``num_steps`` refinement steps from ``lam_0`` (see the module docstring).
 
     Args:
         step: the method's step.
-        initial: λ_0, a dict of ``[B, D]`` tensors; it keeps its graph to a trainable encoder.
+        lam_0: λ_0, a dict of ``[B, D]`` tensors; it keeps its graph to a trainable encoder.
         x: the data ``[B, *event]``.
         objective: the model, family and latent layout whose ELBO is ascended.
         num_steps: T.
@@ -425,103 +577,70 @@ def refine(
             loss value at test time.
         train: build the training loss (else: test time, no graph).
         on_nonfinite: ``"warn"`` or ``"raise"`` when some examples' ELBO or gradient is not finite.
-        record_params: keep λ_t of every step in ``params_history``.
+        observers: what watches the run (:class:`Observer`): :class:`RecordIterates`, and the test-time
+            :meth:`Stopping.watch` and :meth:`IterateAveraging.watch` (refused with ``train``).
         evaluate_last: evaluate L_T (False when the caller scores λ_T itself, as a Pyro ELBO does).
-        stopping: test-time safeguards (:class:`Stopping`); not with ``train``. With a tolerance, ``elbo`` has a row
-            per step run: fewer than T + 1 when every example stopped early.
-        averaging: return the running average of the iterates (:class:`IterateAveraging`, ``start`` set) instead of
-            λ_T; the last ELBO row, the stopping rule and keep-best then score the average. Not with ``train``.
 
     Returns:
         The :class:`Trajectory`.
     """
-    if on_nonfinite not in ON_NONFINITE:
-        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
-    if stopping is not None and train:
-        raise ValueError("stopping rules and keep-best are test-time safeguards: use them with infer(), not training")
-    if averaging is not None and (train or averaging.start is None):
-        raise ValueError("averaging is a test-time estimate with a start step: pass IterateAveraging(start=...) to a "
-                         "test-time run (train=False)")
-    batch = x.shape[0]
+    _check_run(on_nonfinite, train, observers)
     training = Training() if training is None else training
-    through_steps = train and training.backprop_through_steps
-    second_order = train and training.second_order
-    trains_initial = train and any(p.requires_grad for p in initial.values())
-    params = {n: p.detach().requires_grad_(through_steps and trains_initial) for n, p in initial.items()}
-    constants = RunConstants(capture=train and not through_steps)
-    loss = TrainingLoss(training, batch=batch, num_steps=num_steps, initial=initial, start=params,
+    mode = _Mode(train, train and training.backprop_through_steps, train and training.second_order)
+    trains_lam_0 = mode.through_steps and any(p.requires_grad for p in lam_0.values())
+    lam_t = {n: p.detach().requires_grad_(trains_lam_0) for n, p in lam_0.items()}
+    constants = RunConstants(capture=train and not mode.through_steps)
+    loss = TrainingLoss(training, batch=x.shape[0], num_steps=num_steps, initial=lam_0, start=lam_t,
                         constants=constants)
-    elbos: list[Tensor] = []
-    norms: list[Tensor] = []
-    health: list[Tensor] = []
-    history: list[Params] | None = [] if record_params else None
-    watch = None if stopping is None else _Watch(stopping, objective, x, params)
-    moving = torch.ones(batch, dtype=torch.bool, device=x.device)
-    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
+    evaluations: list[_Evaluation] = []
+    moving = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     state: Any = None
-    average: Params | None = None
     for t in range(num_steps + 1):
-        last = t == num_steps
-        if averaging is not None:
-            average = averaging.update(average, detach(params), t)
+        last, estimate = t == num_steps, _estimate(observers, t, lam_t)
         if last and not evaluate_last:
             break
+        # λ_t as the ELBO sees it: with its graph only to differentiate through the gradient; the estimate at the end
+        lam = lam_t if mode.second_order and not last else detach(lam_t) if estimate is None or not last else estimate
         noise_t = noise(t)
-        # λ_t as the ELBO sees it (detached unless differentiating through the gradient; the average at the end) ...
-        lam = params if second_order and not last else detach(params)
-        if last and average is not None:
-            lam = average
-        with torch.set_grad_enabled(train and (last or second_order)), full_precision(x):
-            # L_T of a training run trains the model: evaluated as its own forward (running statistics move once)
-            values, grads = objective.elbo_and_grad(lam, x, noise_t, update_statistics=train and last)
-        healthy = torch.isfinite(values.detach())
-        for g in grads.values():
-            healthy = healthy & torch.isfinite(g.detach()).all(-1)
-        if second_order and not last and not bool(healthy.all()):
-            # Differentiating through the gradient, a non-finite row's derivatives would turn the zero it is masked
-            # with into NaN: evaluate again with that row's λ cut from the graph.
-            cut = {n: torch.where(healthy[:, None], p, p.detach()) for n, p in lam.items()}
-            with full_precision(x):
-                values, grads = objective.elbo_and_grad(cut, x, noise_t)
-        elbos.append(values.detach())
-        norms.append(torch.sqrt(reduce(torch.add, [g.detach().square().sum(-1) for g in grads.values()])))
-        health.append(healthy)
-        if history is not None:
-            history.append(detach(params))
-        grads = {n: torch.where(healthy[:, None], g, 0.0) for n, g in grads.items()}
-        if watch is not None:
-            moving = watch.observe(lam if average is None else average)
-            if not bool(moving.any()):
-                break
+        evaluated = _evaluate(objective, lam, x, noise_t, mode=mode, last=last)
+        evaluations.append(evaluated)
+        record = StepRecord(t, detach(lam_t), detach(lam) if estimate is None else estimate, evaluated.values,
+                            evaluated.grads, evaluated.healthy)
+        masks = [m for m in (o.observe(record) for o in observers) if m is not None]
+        moving = reduce(torch.logical_and, masks, moving)
+        if masks and not bool(moving.any()):
+            break
         if train:
-            loss.observe(t, params, grads)
+            loss.observe(t, lam_t, evaluated.grads)
         if last:
             if train:
-                def refit(rows: Tensor, lam: Params = lam, noise_t: Tensor = noise_t) -> Tensor:
-                    with full_precision(x):
-                        return objective.elbo({n: v[rows] for n, v in lam.items()}, x[rows], noise_t[:, rows])
-                loss.observe_final(values, healthy, refit)
+                loss.observe_final(evaluated.values, evaluated.healthy, partial(_refit, objective, lam, x, noise_t))
             break
-        # ... and as the step sees it (with its graph when backpropagating through the steps)
-        base = params if through_steps else lam
-        params = base  # feed-forward: λ_t's graph has served its product; freed before the step builds the next
-        context = StepContext(x=x, params=base, grads=grads if second_order else detach(grads), elbo=values,
-                              healthy=healthy, t=t, noise=noise_t, objective=objective, constants=constants)
-        with torch.set_grad_enabled(train):
-            proposal, state = step(context, state)
-            if not through_steps:  # constant memory: no graph is carried from step to step
-                state = _detached(state)
-            proposal = objective.family.constrain(proposal)
-            # Examples whose ELBO or gradient is not finite keep their λ (and teach nothing), as do stopped ones.
-            update = healthy & moving
-            params = {n: torch.where(update[:, None], proposal[n].to(v.dtype), v) for n, v in base.items()}
+        lam_t = lam_t if mode.through_steps else lam  # feed-forward: λ_t's graph has served its product
+        grads = evaluated.grads if mode.second_order else detach(evaluated.grads)
+        context = StepContext(x=x, params=lam_t, grads=grads, elbo=evaluated.values, healthy=evaluated.healthy, t=t,
+                              noise=noise_t, objective=objective, constants=constants)
+        lam_t, state, update = _advance(step, context, state, moving, mode=mode)
         steps = steps + update
-    elbo, healthy_steps = _stack(elbos, batch, x), _stack(health, batch, x).bool()
-    _report_unhealthy(healthy_steps, on_nonfinite)
-    estimate = params if average is None else average
-    return Trajectory(params=estimate if watch is None else watch.result(estimate), elbo=elbo,
-                      grad_norm=_stack(norms, batch, x), healthy=healthy_steps, params_history=history,
-                      loss=loss.finish(elbo, healthy_steps), steps=steps)
+    return _finish(evaluations, loss, lam_t if estimate is None else estimate, observers, steps, x, on_nonfinite)
+
+
+def _finish(evaluations: list[_Evaluation], loss: TrainingLoss, estimate: Params, observers: Sequence[Observer],
+            steps: Tensor, x: Tensor, on_nonfinite: str) -> Trajectory:
+    """The trajectory of a run: its rows stacked, unhealthy examples reported, the loss built, the estimate."""
+    batch = x.shape[0]
+    elbo = _stack([e.values.detach() for e in evaluations], batch, x)
+    healthy = _stack([e.healthy for e in evaluations], batch, x).bool()
+    _report_unhealthy(healthy, on_nonfinite)
+    for observer in observers:
+        estimate = observer.finish(estimate)
+    return Trajectory(params=estimate, elbo=elbo, grad_norm=_stack([e.norm for e in evaluations], batch, x),
+                      healthy=healthy, loss=loss.finish(elbo, healthy), steps=steps)
+
+
+def _stack(values: list[Tensor], batch: int, like: Tensor) -> Tensor:
+    return torch.stack(values) if values else like.new_zeros(0, batch)
 
 
 def _report_unhealthy(healthy: Tensor, on_nonfinite: str) -> None:
@@ -540,4 +659,4 @@ def _report_unhealthy(healthy: Tensor, on_nonfinite: str) -> None:
     )
     if on_nonfinite == "raise":
         raise FloatingPointError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=5)
+    warnings.warn(message, RuntimeWarning, stacklevel=6)

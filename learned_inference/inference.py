@@ -33,7 +33,16 @@ from torch.distributions import Distribution
 
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
-from learned_inference.engine import ON_NONFINITE, IterateAveraging, Stopping, Training, Trajectory, refine
+from learned_inference.engine import (
+    ON_NONFINITE,
+    IterateAveraging,
+    Observer,
+    RecordIterates,
+    Stopping,
+    Training,
+    Trajectory,
+    refine,
+)
 from learned_inference.families import Family, Params, detach, make_family
 from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model, check_support
 from learned_inference.objectives import Objective, prior_moments, sample_noise
@@ -233,20 +242,24 @@ class InferenceMethod(nn.Module):
     ) -> InferenceResult:
         run = self._check_inputs(x, num_steps, noise, train=train)
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
-        initial = self.init(x) if init_params is None else self._flatten(init_params, x)
-        averaging = None if train or self.averaging is None else self.averaging.starting_at(self.num_steps)
+        objective = Objective(self.model, self.family, self.space, prior, run)
+        lam_0 = self.init(x) if init_params is None else self._flatten(init_params, x)
+        observers: list[Observer] = []
+        if not train and self.averaging is not None:
+            observers.append(self.averaging.starting_at(self.num_steps).watch())
+        if stopping is not None:
+            observers.append(stopping.watch(objective, x, lam_0))
+        recorder = RecordIterates() if record_params else None
         with nullcontext() if run is None else run:
             trajectory = refine(
-                self.step, initial, x, objective=Objective(self.model, self.family, self.space, prior, run),
-                num_steps=num_steps, noise=lambda t: self._noise(noise, t, x), training=self.training_rule(),
-                train=train, on_nonfinite=self.on_nonfinite, record_params=record_params, stopping=stopping,
-                averaging=averaging,
+                self.step, lam_0, x, objective=objective, num_steps=num_steps,
+                noise=lambda t: self._noise(noise, t, x), training=self.training_rule(), train=train,
+                on_nonfinite=self.on_nonfinite, observers=[*observers, *([recorder] if recorder else [])],
             )
-        return self._result(trajectory)
+        return self._result(trajectory, None if recorder is None else recorder.iterates)
 
-    def _result(self, trajectory: Trajectory) -> InferenceResult:
+    def _result(self, trajectory: Trajectory, history: list[Params] | None = None) -> InferenceResult:
         params, posterior = self._public(trajectory.params)
-        history = trajectory.params_history
         return InferenceResult(
             params=params, posterior=posterior, elbo=trajectory.elbo, loss=trajectory.loss,
             grad_norm=trajectory.grad_norm, healthy=trajectory.healthy, steps=trajectory.steps,

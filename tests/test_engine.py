@@ -17,7 +17,7 @@ from learned_inference import (
     SemiAmortized,
     StandardEncoder,
 )
-from learned_inference.engine import IterateAveraging, Training, TrainingLoss, refine
+from learned_inference.engine import IterateAveraging, RecordIterates, Training, TrainingLoss, refine
 from learned_inference.families import DiagonalGaussian
 from learned_inference.model import LatentSpace
 from learned_inference.objectives import Objective
@@ -234,9 +234,9 @@ def _noisy_ascent(context, state):
 
 
 def test_averaging_returns_the_running_average_and_scores_it_last():
-    """refine(averaging=) returns the running average of the iterates it records, its last ELBO row is that
-    average's ELBO on the last step's noise, and on a model with a known posterior the average is much closer to it
-    than the last iterate of a constant-step noisy ascent; runs of at most ``start`` steps are unchanged."""
+    """An IterateAveraging observer makes refine return the running average of the iterates, its last ELBO row is
+    that average's ELBO on the last step's noise, and on a model with a known posterior the average is much closer
+    to it than the last iterate of a constant-step noisy ascent; runs of at most ``start`` steps are unchanged."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = ProbabilisticPCA.random(data_dim=8, latent_dim=3, generator=gen).requires_grad_(False).double()
@@ -245,14 +245,14 @@ def test_averaging_returns_the_running_average_and_scores_it_last():
     start = objective.family.initial_params(64, 3, dtype=x.dtype, device=None)
     noise = torch.randn(301, 1, 64, 3, generator=gen, dtype=torch.float64)
     averaging = IterateAveraging(start=100)
+    plain_iterates, averaged_iterates = RecordIterates(), RecordIterates()
     plain = refine(_noisy_ascent, start, x, objective=objective, num_steps=300, noise=lambda t: noise[t],
-                   record_params=True)
+                   observers=[plain_iterates])
     averaged = refine(_noisy_ascent, start, x, objective=objective, num_steps=300, noise=lambda t: noise[t],
-                      record_params=True, averaging=averaging)
-    assert plain.params_history is not None and averaged.params_history is not None
-    for a, b in zip(plain.params_history, averaged.params_history, strict=True):  # the steps see the iterates
+                      observers=[averaging.watch(), averaged_iterates])
+    for a, b in zip(plain_iterates.iterates, averaged_iterates.iterates, strict=True):  # the steps see the iterates
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    expected = averaging.running(averaged.params_history)[-1]
+    expected = averaging.running(averaged_iterates.iterates)[-1]
     torch.testing.assert_close(averaged.params, expected, rtol=0, atol=0)
     torch.testing.assert_close(averaged.elbo[-1], objective.elbo(expected, x, noise[300]))
     log_px = model.log_marginal(x)
@@ -260,8 +260,10 @@ def test_averaging_returns_the_running_average_and_scores_it_last():
     gap_average = (log_px - model.exact_elbo(x, averaged.params["loc"], averaged.params["log_var"])).mean().item()
     assert gap_average < 0.5 * gap_last, (gap_average, gap_last)
     short = refine(_noisy_ascent, start, x, objective=objective, num_steps=100, noise=lambda t: noise[t],
-                   averaging=averaging)
-    torch.testing.assert_close(short.params, plain.params_history[100], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="test-time estimate"):
+                   observers=[averaging.watch()])
+    torch.testing.assert_close(short.params, plain_iterates.iterates[100], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="test-time observers"):
         refine(_noisy_ascent, start, x, objective=objective, num_steps=3, noise=lambda t: noise[t], train=True,
-               averaging=averaging)
+               observers=[averaging.watch()])
+    with pytest.raises(ValueError, match="test-time estimate with a start step"):
+        IterateAveraging().watch()
