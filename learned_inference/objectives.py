@@ -37,7 +37,7 @@ from learned_inference.families import Family, Params, normal_prior_moments
 from learned_inference.model import LatentModel, LatentSpace
 from learned_inference.train_mode import TrainModeRun
 
-__all__ = ["Objective", "PriorMoments", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]
+__all__ = ["Objective", "PriorMoments", "UnscoredObjective", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]
 
 PriorMoments = tuple[Tensor, Tensor]
 
@@ -204,3 +204,22 @@ class Objective:
         names = list(lam)
         grads = torch.autograd.grad(values.sum(), [lam[n] for n in names], retain_graph=True)
         return values, dict(zip(names, grads, strict=True))
+
+
+@dataclass(frozen=True)
+class UnscoredObjective(Objective):
+    """An objective that is not evaluated: L = 0 and ∇_λ L = 0 at every λ, and the model never runs.
+
+    For steps that read the data (and λ) only, such as an encoder run as one step of the engine
+    (:func:`~learned_inference.engine.refine` with ``num_steps=1``): the loop then costs one network pass.
+    """
+
+    def elbo(self, params: Params, x: Tensor, noise: Tensor) -> Tensor:
+        """Zeros ``[B]``."""
+        return x.new_zeros(x.shape[0])
+
+    def elbo_and_grad(
+        self, params: Params, x: Tensor, noise: Tensor, *, update_statistics: bool = False
+    ) -> tuple[Tensor, Params]:
+        """Zeros ``[B]`` and zero gradients shaped like ``params``."""
+        return self.elbo(params, x, noise), {n: torch.zeros_like(p) for n, p in params.items()}

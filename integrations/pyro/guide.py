@@ -42,7 +42,6 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from learned_inference.context import StepContext
 from learned_inference.encodings import (
     DEFAULT_ENCODING,
     Concat,
@@ -56,7 +55,7 @@ from learned_inference.engine import Training, refine
 from learned_inference.families import DiagonalGaussian, Params
 from learned_inference.model import LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
-from learned_inference.objectives import Objective, sample_noise
+from learned_inference.objectives import Objective, UnscoredObjective, sample_noise
 from learned_inference.optimizer import learned_step
 from learned_inference.train_mode import TrainModeRun, batch_norm_error
 from learned_inference.updates import make_update
@@ -421,19 +420,17 @@ class AutoIterativeNormal(AutoGuide):
         network = self._update_network(int(x.shape[1]), dim)
         update = self._registered("update")
         tracing = torch.jit.is_tracing()
-        objective = (TracedObjective if tracing else Objective)(log_joint, family, LatentSpace(dim))
-        if not self.num_steps:
-            return {name: value.reshape(*left, dim) for name, value in self._encode(network, update, params, x,
-                                                                                      objective).items()}
+        # The encoder-only guide is one step that reads the data only: the model is not evaluated (and it traces).
+        kind = UnscoredObjective if not self.num_steps else TracedObjective if tracing else Objective
         train = torch.is_grad_enabled()
         # Traced, the steps 1..T-1 are not trained (their vector-Jacobian products would be traced): as Trace_ELBO.
         training = Training(step_parameters=(*network.parameters(), *update.parameters()),
                             step_weights=partial(_inner_step_weights, scale=0.0 if tracing else scale))
         run = refine(
             partial(learned_step, self.encoding, network, update), params, x,
-            objective=objective, num_steps=self.num_steps,
-            noise=lambda t: sample_noise(self.num_samples, batch, dim, dtype=x.dtype, device=x.device,
-                                         generator=generator),
+            objective=kind(log_joint, family, LatentSpace(dim)), num_steps=max(self.num_steps, 1),
+            noise=lambda t: sample_noise(self.num_samples if self.num_steps else 0, batch, dim, dtype=x.dtype,
+                                         device=x.device, generator=generator),
             training=training, train=train, evaluate_last=False,
         )
         if not train and train_mode.batch_norms_in_training:
@@ -442,17 +439,6 @@ class AutoIterativeNormal(AutoGuide):
         if train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
         return {name: value.reshape(*left, dim) for name, value in run.params.items()}
-
-    def _encode(self, network: UpdateNetwork, update: Any, initial: Params, x: Tensor, objective: Objective) -> Params:
-        """λ = one learned step from λ_0 that reads the data only (``num_steps=0``, :class:`AutoAmortizedNormal`):
-        the model is not evaluated, so its gradient is neither needed nor computed (and the guide traces)."""
-        batch = x.shape[0]
-        zeros = {name: torch.zeros_like(value) for name, value in initial.items()}
-        context = StepContext(x=x, params=initial, grads=zeros, elbo=x.new_zeros(batch),
-                              healthy=torch.ones(batch, dtype=torch.bool, device=x.device), t=0,
-                              noise=x.new_zeros(0, batch, objective.space.total_dim), objective=objective)
-        proposal, _ = learned_step(self.encoding, network, update, context, None)
-        return self.family.constrain(proposal)
 
     # -- summaries ---------------------------------------------------------------------------------------------------
 
