@@ -59,6 +59,7 @@ __all__ = [
     "TrainingLoss",
     "Trajectory",
     "final_step",
+    "gradient_only",
     "mean_over_steps",
     "refine",
 ]
@@ -109,6 +110,11 @@ class Training:
     def __post_init__(self) -> None:
         if self.second_order and not self.backprop_through_steps:
             raise ValueError("second_order=True needs backprop_through_steps=True (gradients through the steps)")
+
+
+def gradient_only(term: Tensor) -> Tensor:
+    """``term − sg[term]``: a value of zero whose gradient is ``term``'s (how a loss carries extra gradients)."""
+    return term - term.detach()
 
 
 def _inner(cotangents: Params, params: Params) -> Tensor:
@@ -218,8 +224,27 @@ class TrainingLoss:
             graph.append(_GradientInjection.apply(self.phi_grads, *self.phi))
         if not graph:
             return value
-        attached = sum(graph[1:], graph[0])
-        return value + (attached - attached.detach())
+        return value + gradient_only(sum(graph[1:], graph[0]))
+
+    @staticmethod
+    def parameter_term(values: Tensor, healthy: Tensor, parameters: Sequence[Tensor]) -> Tensor:
+        """A term of value zero that trains ``parameters`` only, on −(Σ of ``values`` over the healthy examples) / (the
+        number of healthy examples): its backward gives each parameter that objective's gradient (scaled by the
+        incoming one), and nothing to anything else ``values`` depends on (e.g. RME's component objectives, which
+        train each component's encoder and not the model).
+
+        Args:
+            values: ``[..., B]`` per-example objectives (summed over the leading dimensions).
+            healthy: ``[B]``, the examples that count.
+            parameters: what the term trains.
+        """
+        trained = [p for p in parameters if p.requires_grad]
+        if not trained:
+            return values.new_zeros(())
+        surrogate = -torch.where(healthy, values, 0.0).sum() / healthy.sum().clamp(min=1)
+        grads = torch.autograd.grad(surrogate, trained, allow_unused=True)
+        filled = [torch.zeros_like(p) if g is None else g for p, g in zip(trained, grads, strict=True)]
+        return _GradientInjection.apply(filled, *trained)
 
     def _backprop_through_steps(self) -> None:
         if self.through_steps is None or not self.through_steps.requires_grad:

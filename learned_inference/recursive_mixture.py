@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from learned_inference.context import StepContext
-from learned_inference.engine import Training, final_step, refine
+from learned_inference.engine import Training, TrainingLoss, final_step, refine
 from learned_inference.families import DiagonalGaussian, Params
 from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
@@ -268,14 +268,11 @@ class RecursiveMixtureEncoder(InferenceMethod):
                                               num_components=self.num_components, space=self.space,
                                               barrier=self.barrier, prior=prior)[:active]
         healthy = torch.isfinite(objectives.detach()).all(0)
-        surrogate = -torch.where(healthy, objectives, 0.0).sum() / healthy.sum().clamp(min=1)
-        weights = [p for encoder in self.encoders[:active] for p in encoder.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(surrogate, weights, allow_unused=True)
-        injected = sum(((p * g).sum() for p, g in zip(weights, grads, strict=True) if g is not None),
-                       x.new_zeros(()))
+        weights = [p for encoder in self.encoders[:active] for p in encoder.parameters()]
+        components = TrainingLoss.parameter_term(objectives, healthy, weights)
         self.trained_steps += 1
         result = self._result(trajectory)
-        return dataclasses.replace(result, loss=result.loss + (injected - injected.detach()))
+        return dataclasses.replace(result, loss=result.loss + components)
 
     def extra_repr(self) -> str:
         return (f"latent={self.space}, num_components={self.num_components}, barrier={self.barrier}, "

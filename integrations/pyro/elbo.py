@@ -44,6 +44,8 @@ from pyro.poutine.runtime import Message, effectful
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
+from learned_inference.engine import gradient_only
+
 __all__ = [
     "REFINEMENT_LOSS",
     "IterativeTraceMeanField_ELBO",
@@ -100,7 +102,7 @@ class RefinementLossMixin:
         if REFINEMENT_LOSS in guide_trace.nodes:
             extra = guide_trace.nodes[REFINEMENT_LOSS]["value"]
             assert extra is not None  # a tensor: _get_trace adds the node with value R
-            surrogate = surrogate + (extra - extra.detach())
+            surrogate = surrogate + gradient_only(extra)
         return loss, surrogate
 
 
