@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial, reduce
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,12 @@ class _GradientInjection(torch.autograd.Function):
         return (None, *(grad_output * g for g in ctx.grads))
 
 
+def _inject(grads: Sequence[Tensor], parameters: Sequence[Tensor]) -> Tensor:
+    """A zero scalar whose backward gives ``parameters`` the gradients ``grads`` (:class:`_GradientInjection`)."""
+    apply = cast(Callable[..., Tensor], _GradientInjection.apply)  # autograd.Function.apply is untyped
+    return apply(grads, *parameters)
+
+
 class TrainingLoss:
     """The one training loss of a refinement run, built step by step.
 
@@ -221,7 +227,7 @@ class TrainingLoss:
         graph += [(total * value).sum() for value, total in zip(constants.gated, constants.captured, strict=True)
                   if total is not None]
         if self.phi_grads is not None:
-            graph.append(_GradientInjection.apply(self.phi_grads, *self.phi))
+            graph.append(_inject(self.phi_grads, self.phi))
         if not graph:
             return value
         return value + gradient_only(sum(graph[1:], graph[0]))
@@ -244,7 +250,7 @@ class TrainingLoss:
         surrogate = -torch.where(healthy, values, 0.0).sum() / healthy.sum().clamp(min=1)
         grads = torch.autograd.grad(surrogate, trained, allow_unused=True)
         filled = [torch.zeros_like(p) if g is None else g for p, g in zip(trained, grads, strict=True)]
-        return _GradientInjection.apply(filled, *trained)
+        return _inject(filled, trained)
 
     def _backprop_through_steps(self) -> None:
         if self.through_steps is None or not self.through_steps.requires_grad:

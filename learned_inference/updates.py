@@ -237,7 +237,8 @@ class StagedUpdate(Update):
     def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
         if context.t == 0:
             return self.first(hidden, context, None)[0], None
-        return self.then(hidden, context, state)
+        proposal, state = self.then(hidden, context, state)
+        return proposal, state
 
 
 def _logit(p: float) -> float:
