@@ -9,6 +9,7 @@ Example:
     torch.Size([3, 3])
 """
 
+from learned_inference.ais import AISResult, annealed_importance_sampling
 from learned_inference.baselines import (
     GradientEStep,
     SemiAmortized,
@@ -73,6 +74,7 @@ from learned_inference.updates import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AISResult",
     "BernoulliLikelihood",
     "BernoulliProbsLikelihood",
     "BlockDistribution",
@@ -128,6 +130,7 @@ __all__ = [
     "UpdateNetwork",
     "VAEModel",
     "__version__",
+    "annealed_importance_sampling",
     "clip_per_example",
     "elbo",
     "elbo_and_grad",
