@@ -42,7 +42,7 @@ from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
 from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
-from learned_inference.model import LatentModel, encoder_output
+from learned_inference.model import LatentModel, WithEncoder, encoder_output
 from learned_inference.networks import HighwayEncoder
 
 __all__ = [
@@ -137,7 +137,7 @@ class _GradientRefinement(InferenceMethod):
                 )
             self._check_pair_encoder(init, fix="use init='highway' (an encoder for all of λ) or a callable returning "
                                      "λ as a dict")
-            self.encoder = model.encode  # type: ignore[attr-defined]
+            self.encoder = cast(WithEncoder, model).encode
         elif init == "highway" and not self._encoder_gives_all_params():
             total = self.space.total_dim
             self.encoder = HighwayEncoder(total, hidden_size=hidden_size, num_layers=num_layers)

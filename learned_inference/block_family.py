@@ -60,7 +60,7 @@ class BlockDistribution(Distribution):
         super().__init__(first.batch_shape, torch.Size([space.total_dim]), validate_args=False)
 
     @property
-    def has_rsample(self) -> bool:  # type: ignore[override]
+    def has_rsample(self) -> bool:  # type: ignore[override]  # a property where Distribution has a class attribute
         return all(part.has_rsample for part in self.parts.values())
 
     def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> Tensor:  # noqa: B008

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from learned_inference.block_family import BlockFamily
 from learned_inference.errors import observation_errors, precision_weighted_errors
 from learned_inference.families import Family, Params
 from learned_inference.hierarchical import HierarchicalModel
@@ -157,9 +158,9 @@ class StepContext:
 
     def restrict(self, variable: str) -> StepContext:
         """The view of one latent variable: ``params`` and ``grads`` restricted to its block of λ."""
-        split = self.objective.space.split
-        params = {n: split(p)[variable] for n, p in self.params.items()}  # type: ignore[index]
-        grads = {n: split(g)[variable] for n, g in self.grads.items()}  # type: ignore[index]
+        space = self.objective.space
+        params = {n: space.block(p, variable) for n, p in self.params.items()}
+        grads = {n: space.block(g, variable) for n, g in self.grads.items()}
         return replace(self, params=params, grads=grads, variable=variable, _full=self._root(), _cache={})
 
     @property
@@ -172,14 +173,18 @@ class StepContext:
         natural: Params = root._cache["natural"]
         if self.variable is None:
             return natural
-        split = self.objective.space.split
-        return {n: split(g)[self.variable] for n, g in natural.items()}  # type: ignore[index]
+        variable, space = self.variable, self.objective.space
+        return {n: space.block(g, variable) for n, g in natural.items()}
 
     @property
     def family(self) -> Family:
         """The posterior family of this view (one variable's family in a per-variable view)."""
         family = self.objective.family
-        return family if self.variable is None else family.families[self.variable]  # type: ignore[attr-defined]
+        if self.variable is None:
+            return family
+        if not isinstance(family, BlockFamily):
+            raise TypeError(f"a per-variable view needs a family per latent variable (a BlockFamily), got {family!r}")
+        return family.families[self.variable]
 
     def _root(self) -> StepContext:
         return self if self._full is None else self._full
@@ -206,7 +211,7 @@ class StepContext:
             root._cache["observation"] = tuple(_mask_rows(root.healthy, e) for e in errors)
         error_x, error_z = root._cache["observation"]
         if self.variable is not None:
-            error_z = self.objective.space.split(error_z)[self.variable]  # type: ignore[index]
+            error_z = self.objective.space.block(error_z, self.variable)
         return error_x, error_z
 
     @property

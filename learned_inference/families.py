@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -122,7 +123,7 @@ class Family:
     def squared_fisher_norm(self, params: Params, step: Params) -> Tensor:
         """Per-example ‖Δ‖_F² = Δᵀ F(λ) Δ of a step Δ at λ, ``[B]``: to second order 2 KL(q_λ ‖ q_{λ+Δ}) (the
         squared Euclidean norm when the family has no Fisher metric)."""
-        return sum(s.square().sum(-1) for s in step.values())  # type: ignore[return-value]
+        return reduce(torch.add, [s.square().sum(-1) for s in step.values()])
 
     def distribution(self, params: Params) -> Distribution:
         """The posterior as a ``Distribution`` with batch shape ``[B]`` and event shape ``[D]``."""

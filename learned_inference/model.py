@@ -57,6 +57,9 @@ __all__ = [
     "LatentSpace",
     "Latents",
     "VAEModel",
+    "WithEncoder",
+    "WithLogLikelihood",
+    "WithPrior",
     "check_log_joint",
     "check_model",
     "check_support",
@@ -96,6 +99,27 @@ class LatentModel(Protocol):
     """
 
     def log_joint(self, x: Tensor, z: Any) -> Tensor: ...
+
+
+@runtime_checkable
+class WithEncoder(Protocol):
+    """A model with the optional ``encode(x)``: an initial guess of λ (``(loc, log_var)`` or an output object)."""
+
+    def encode(self, x: Tensor, /) -> Any: ...
+
+
+@runtime_checkable
+class WithPrior(Protocol):
+    """A model with the optional ``prior()``: a distribution over z (a dict of them for several variables)."""
+
+    def prior(self) -> Any: ...
+
+
+@runtime_checkable
+class WithLogLikelihood(Protocol):
+    """A model with the optional ``log_likelihood(x, z)``: log p(x | z) per example (for the analytic KL)."""
+
+    def log_likelihood(self, x: Tensor, z: Any, /) -> Tensor: ...
 
 
 class EncoderDecoder(Protocol):
@@ -143,6 +167,13 @@ class LatentSpace:
         if self.names is None:
             return flat
         return dict(zip(self.names, flat.split(list(self.sizes.values()), dim=-1), strict=True))
+
+    def block(self, flat: Tensor, name: str) -> Tensor:
+        """The ``[..., D_name]`` block of variable ``name`` in ``[..., D_total]``."""
+        blocks = self.split(flat)
+        if not isinstance(blocks, dict):
+            raise ValueError(f"this latent space is one vector of size {self.total_dim}: it has no variable {name!r}")
+        return blocks[name]
 
     def merge(self, latents: Latents) -> Tensor:
         """The inverse of :meth:`split`."""
@@ -370,9 +401,8 @@ class DecoderModel(nn.Module):
         """``(loc, log_var)``, each ``[B, D]``, from the encoder given at construction (checked)."""
         if self.encoder is None:
             raise AttributeError("this DecoderModel has no encoder: pass encoder=... to use encode()")
-        loc, log_var = encoder_output(self.encoder(x), batch=x.shape[0], space=self.latent_space,
-                                      source="DecoderModel's encoder(x)", fix="encoder=")
-        return loc, log_var  # type: ignore[return-value]  # a single latent variable: tensors
+        return _pair(encoder_output(self.encoder(x), batch=x.shape[0], space=self.latent_space,
+                                    source="DecoderModel's encoder(x)", fix="encoder="))
 
     def check_support(self, x: Tensor) -> None:
         """Raises ``ValueError`` if ``x`` is outside the likelihood's support (see
@@ -462,9 +492,8 @@ class VAEModel(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(loc, log_var)``, each ``[B, D]``, from the VAE's encoder (checked, see :func:`encoder_output`)."""
-        loc, log_var = encoder_output(self.encoder(x), batch=x.shape[0], space=self.model.latent_space,
-                                      source="vae.encode(x)", fix="VAEModel(vae, ..., encode=")
-        return loc, log_var  # type: ignore[return-value]  # a single latent variable: tensors
+        return _pair(encoder_output(self.encoder(x), batch=x.shape[0], space=self.model.latent_space,
+                                    source="vae.encode(x)", fix="VAEModel(vae, ..., encode="))
 
     def decode(self, z: Tensor) -> Tensor:
         """The likelihood's parameters for ``z`` of shape ``[..., D]``."""
@@ -493,6 +522,14 @@ class VAEModel(nn.Module):
     def check_support(self, x: Tensor) -> None:
         """Raises ``ValueError`` if ``x`` is outside the likelihood's support."""
         self.model.check_support(x)
+
+
+def _pair(pair: tuple[Latents, Latents]) -> tuple[Tensor, Tensor]:
+    """``(loc, log_var)`` of a single latent variable: two tensors."""
+    loc, log_var = pair
+    if not isinstance(loc, Tensor) or not isinstance(log_var, Tensor):
+        raise TypeError("encode() of a model with one latent variable must give (loc, log_var) tensors")
+    return loc, log_var
 
 
 def standard_normal_prior(dim: int, *, like: nn.Module) -> Distribution:

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -214,7 +214,7 @@ class PerVariableNetwork(UpdateNetwork):
         self.recurrent = any(network.recurrent for network in networks.values())
 
     def parts(self) -> dict[str | None, UpdateNetwork]:
-        return {name: self.get_submodule(name) for name in self.names}  # type: ignore[misc]
+        return {name: cast(UpdateNetwork, self.get_submodule(name)) for name in self.names}
 
     @property
     def is_sized(self) -> bool:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 from torch.func import vjp
 
 from learned_inference.families import Family, Params, normal_prior_moments
-from learned_inference.model import LatentModel, LatentSpace
+from learned_inference.model import LatentModel, LatentSpace, WithLogLikelihood, WithPrior
 from learned_inference.train_mode import TrainModeRun
 
 __all__ = ["Objective", "PriorMoments", "UnscoredObjective", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]
@@ -48,9 +49,9 @@ def prior_moments(model: LatentModel, space: LatentSpace) -> PriorMoments | None
     Available when the model has ``log_likelihood(x, z)`` and ``prior()`` returning a ``Normal`` /
     ``Independent(Normal, 1)`` (or, for several latent variables, a dict of them keyed by name).
     """
-    if not (callable(getattr(model, "log_likelihood", None)) and callable(getattr(model, "prior", None))):
+    if not (isinstance(model, WithLogLikelihood) and isinstance(model, WithPrior)):
         return None
-    prior = model.prior()  # type: ignore[attr-defined]
+    prior = model.prior()
     if isinstance(prior, Mapping):
         if space.names is None or set(prior) != set(space.names):
             raise ValueError(f"model.prior() returned priors for {sorted(prior)}, expected {sorted(space.sizes)}")
@@ -119,7 +120,7 @@ def elbo(
         loc = params[family.param_names[0]]
         kl = family.kl_divergence(params, prior[0].to(loc), prior[1].to(loc))
     if kl is not None:
-        log_term = model.log_likelihood(x, z_in)  # type: ignore[attr-defined]
+        log_term = cast(WithLogLikelihood, model).log_likelihood(x, z_in)  # a prior's moments imply it
     else:
         log_term = model.log_joint(x, z_in)
     if z.shape[0] > 1:

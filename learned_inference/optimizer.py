@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -28,7 +28,7 @@ from learned_inference.engine import IterateAveraging, Training, mean_over_steps
 from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.learned_step import learned_step
-from learned_inference.model import LatentModel, LatentSpace, encoder_output
+from learned_inference.model import LatentModel, LatentSpace, WithEncoder, encoder_output
 from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_network
 from learned_inference.train_mode import TrainModeRun
 from learned_inference.updates import PerVariableUpdate, Update, make_update
@@ -78,7 +78,9 @@ def _build_update(update: str | Update, network: UpdateNetwork, family: Family, 
     sizes = {v: space.total_dim if v is None else space.sizes[v] for v in parts}
     heads = {v: make_update(update, family.param_sizes(sizes[v]), hidden_size=net.hidden_size, dim=sizes[v])
              for v, net in parts.items()}
-    return heads[None] if None in heads else PerVariableUpdate(heads)  # type: ignore[arg-type]
+    if None in heads:
+        return heads[None]
+    return PerVariableUpdate({v: head for v, head in heads.items() if v is not None})
 
 
 class IterativeInferenceOptimizer(InferenceMethod):
@@ -197,7 +199,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         """λ_0: the prior, or the model's encoder (its graph kept, so the encoder learns from −L_0)."""
         if self.start == "prior":
             return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
-        loc, log_var = encoder_output(self.model.encode(x), batch=x.shape[0], space=self.space,  # type: ignore[attr-defined]
+        loc, log_var = encoder_output(cast(WithEncoder, self.model).encode(x), batch=x.shape[0], space=self.space,
                                       source="model.encode(x)", fix="VAEModel(vae, ..., encode=...)")
         encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
         return self.family.constrain({name: encoded[name] for name in self.family.param_names})

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,7 @@ class PerVariableUpdate(Update):
         self.names = tuple(updates)
 
     def parts(self) -> dict[str | None, Update]:
-        return {name: self.get_submodule(name) for name in self.names}  # type: ignore[misc]
+        return {name: cast(Update, self.get_submodule(name)) for name in self.names}
 
 
 #: λ's parameter names, or their widths by name where they differ from the latent size (``Family.param_sizes``)

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+from functools import reduce
 
 import torch
 from torch import Tensor, nn
@@ -376,9 +377,8 @@ class LinearGaussianHierarchy(nn.Module):
         """log p(x, z1, z2) = Σ over levels of log N(level; conditional mean, conditional variance)."""
         moments = self.conditionals(z)
         values = {"x": x, "z1": z["z1"], "z2": z["z2"]}
-        # sum() starts from the int 0, so its type is Tensor | int; the sum of tensors is a Tensor
-        return sum(gaussian_log_prob(mean, torch.log(var), values[level]).sum(-1)  # type: ignore[return-value]
-                   for level, (mean, var) in moments.items())
+        return reduce(torch.add, [gaussian_log_prob(mean, torch.log(var), values[level]).sum(-1)
+                                  for level, (mean, var) in moments.items()])
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:

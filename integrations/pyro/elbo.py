@@ -35,7 +35,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
@@ -90,7 +90,7 @@ class RefinementLossMixin:
     def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
         with _Collector() as collector:
             # a mixin: super() is the Pyro ELBO it is mixed into, unknown to the type checker
-            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)  # type: ignore[misc]
+            model_trace, guide_trace = cast(Any, super())._get_trace(model, guide, args, kwargs)
         if collector.losses:
             guide_trace.add_node(REFINEMENT_LOSS, name=REFINEMENT_LOSS, type=REFINEMENT_LOSS,
                                  value=torch.stack(collector.losses).sum())
@@ -98,7 +98,7 @@ class RefinementLossMixin:
 
     def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace) -> tuple[Any, Any]:
         # a mixin, as above
-        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)  # type: ignore[misc]
+        loss, surrogate = cast(Any, super())._differentiable_loss_particle(model_trace, guide_trace)
         if REFINEMENT_LOSS in guide_trace.nodes:
             extra = guide_trace.nodes[REFINEMENT_LOSS]["value"]
             assert extra is not None  # a tensor: _get_trace adds the node with value R

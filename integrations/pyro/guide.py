@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import pyro.distributions as dist
@@ -326,7 +326,7 @@ class AutoIterativeNormal(AutoGuide):
                 "rather than (x, y=None); to predict unobserved outputs, guide only the global sites "
                 "(AutoNormal(poutine.block(model, hide=[<local sites>])))."
             )
-        network: UpdateNetwork = self._modules["network"]  # type: ignore[assignment]  # no pyro.module statement yet
+        network = cast(UpdateNetwork, self._modules["network"])  # no pyro.module statement yet
         shapes = FeatureShapes.of(data=data_features, param_names=self.family.param_names, space=LatentSpace(dim))
         network.materialize(self.encoding.num_features(shapes))
         if self.network_scale != 1.0 and not any(map(parametrize.is_parametrized, network.modules())):

@@ -233,4 +233,4 @@ def _untraced() -> Iterator[None]:
     try:
         yield
     finally:
-        torch._C._set_tracing_state(state)  # type: ignore[attr-defined]
+        torch._C._set_tracing_state(state)  # type: ignore[attr-defined]  # private: no public resume
