@@ -36,6 +36,7 @@ from learned_inference.engine import IterateAveraging, Training, TrainingLoss, T
 from learned_inference.errors import observation_errors, precision_weighted_errors
 from learned_inference.families import Delta, DiagonalGaussian, Dirac, Family, make_family
 from learned_inference.family_encoder import FamilyEncoder
+from learned_inference.gaps import GapReport, gap_report
 from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.likelihoods import (
@@ -92,6 +93,7 @@ __all__ = [
     "FamilyEncoder",
     "FeatureShapes",
     "FitHistory",
+    "GapReport",
     "GatedUpdate",
     "GaussianLikelihood",
     "GaussianMixture",
@@ -135,6 +137,7 @@ __all__ = [
     "elbo",
     "elbo_and_grad",
     "fit",
+    "gap_report",
     "gated_update",
     "log_var_from_squared_error",
     "make_encoding",
