@@ -290,3 +290,37 @@ def test_encoder_only_guide_serializes_with_torch_jit():
 def test_encoder_only_needs_a_data_encoding():
     with pytest.raises(ValueError, match=r"num_steps=0 is the encoder-only guide.*encoding='data'"):
         AutoIterativeNormal(local_model, num_steps=0)
+
+
+def test_a_plate_without_a_size_takes_the_size_of_its_sites():
+    """``pyro.plate("data")`` (no size, as Pyro's cvae and ss_vae examples write it): the guide sizes its plate on
+    each call's data (Pyro records the plate with size -1, which failed as torch.arange(-1))."""
+    def model(x):
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data"):
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(x), 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1), scale), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoIterativeNormal(model, num_steps=2, hidden_size=8)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    for size in (6, 9):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pyro: the guide's sized plate differs from the model's
+            assert math.isfinite(svi.step(torch.randn(size)))
+    assert guide.median(torch.randn(4))["z"].shape == (4, 2)
+
+
+def test_the_encoder_only_guide_takes_a_data_only_encoding():
+    from learned_inference.encodings import Data
+
+    def counts_model(x):
+        with pyro.plate("data", len(x)):
+            rate = pyro.sample("rate", dist.LogNormal(torch.zeros(len(x), 3), 1.0).to_event(1))
+            pyro.sample("x", dist.Poisson(rate).to_event(1), obs=x)
+
+    x = torch.poisson(torch.full((5, 3), 20.0))
+    guide = AutoAmortizedNormal(counts_model, encoding=Data(log1p=True), hidden_size=8)
+    assert guide.median(x)["rate"].shape == (5, 3)
+    with pytest.raises(ValueError, match="reads more"):
+        AutoAmortizedNormal(counts_model, encoding="gradient")

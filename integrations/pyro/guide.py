@@ -37,7 +37,7 @@ from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.poutine.indep_messenger import CondIndepStackFrame
-from pyro.poutine.runtime import NonlocalExit, get_plates
+from pyro.poutine.runtime import Message, NonlocalExit, get_plates
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -229,7 +229,7 @@ class AutoIterativeNormal(AutoGuide):
                         "guide function that also samples those sites (Pyro's autoguides, AutoGuideList included, "
                         "do not support sequential plates either)"
                     )
-                self._prototype_frames[frame.name] = frame
+                self._prototype_frames[frame.name] = _sized(frame, site)
         # which plates hold data; the random streams of the devices in use stay as they were
         with torch.random.fork_rng(devices=_cuda_devices(self.prototype_trace)), TrainModeRun():
             full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
@@ -292,7 +292,7 @@ class AutoIterativeNormal(AutoGuide):
                     *args, **kwargs
                 )
         except NonlocalExit as exit_:
-            return [frame for frame in exit_.site["cond_indep_stack"] if frame.name in names]
+            return [_sized(frame, exit_.site) for frame in exit_.site["cond_indep_stack"] if frame.name in names]
         raise ValueError(
             f"the model, run with this call's arguments, returned without reaching a site inside the plate(s) "
             f"{sorted(names)}, where this guide amortizes the local latent sites "
@@ -516,6 +516,9 @@ class AutoAmortizedNormal(AutoIterativeNormal):
         amortized_plates: as for :class:`AutoIterativeNormal`.
         init_loc_fn: per-site initialization of λ_0 (and of the global sites).
         init_scale: initial scale of the global sites' AutoNormal posteriors.
+        encoding: what the encoder reads: ``"data"`` (default), or data-only encodings such as
+            ``Data(log1p=True)`` for count data (an encoding that reads the model's gradient is refused: use
+            :class:`AutoIterativeNormal`).
         update: ``"gated"`` or ``"residual"``.
         network: ``"highway"`` or an :class:`~learned_inference.networks.UpdateNetwork`.
         hidden_size: units per layer of the encoder.
@@ -540,6 +543,7 @@ class AutoAmortizedNormal(AutoIterativeNormal):
         amortized_plates: str | Sequence[str] | None = None,
         init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
         init_scale: float = 0.1,
+        encoding: str | Encoding | Sequence[str | Encoding] = "data",
         update: str = "gated",
         network: str | UpdateNetwork = "highway",
         hidden_size: int = 256,
@@ -549,7 +553,7 @@ class AutoAmortizedNormal(AutoIterativeNormal):
     ) -> None:
         super().__init__(
             model, amortized_plates=amortized_plates, num_steps=0, init_loc_fn=init_loc_fn, init_scale=init_scale,
-            encoding="data", update=update, network=network, hidden_size=hidden_size, num_layers=num_layers,
+            encoding=encoding, update=update, network=network, hidden_size=hidden_size, num_layers=num_layers,
             network_scale=network_scale, create_plates=create_plates,
         )
 
@@ -580,6 +584,16 @@ def _reads_data_only(encoding: Encoding) -> bool:
     if isinstance(encoding, Concat):
         return all(_reads_data_only(part) for part in encoding.encodings)
     return isinstance(encoding, (Data, PosteriorParams))
+
+
+def _sized(frame: CondIndepStackFrame, site: Message) -> CondIndepStackFrame:
+    """``frame`` with its size: a plate created without one (``pyro.plate("data")``) takes it from the batch shape
+    of the site met inside it (Pyro records such a plate with size −1)."""
+    if frame.size != -1 or frame.dim is None:
+        return frame
+    shape = cast(Any, site["fn"]).batch_shape  # a distribution: the site is a sample site
+    size = shape[frame.dim] if len(shape) >= -frame.dim else 1
+    return frame._replace(size=size, full_size=size)
 
 
 def _cuda_devices(trace: Any) -> list[int]:
