@@ -37,7 +37,8 @@ Example:
     >>> methods = {"prior": StandardEncoder(model, latent_dim=2, init=prior_guess),
     ...            "e-step": GradientEStep(model, latent_dim=2, lr=0.1, num_steps=200)}
     >>> report = gap_report(model, methods, x, log_px=model.log_marginal(x).detach(), e_step_steps=200,
-    ...                     e_step_lrs=(0.1,), iwae_samples=64, max_samples=64, elbo_samples=64)
+    ...                     e_step_lrs=(0.1,), iwae_samples=64, max_samples=64, elbo_samples=64,
+    ...                     generator=torch.Generator().manual_seed(2))
     >>> report.gaps["prior"].amortization_gap.mean() > 1.0, report.gaps["e-step"].amortization_gap.mean() < 0.1
     (tensor(True), tensor(True))
 """
