@@ -370,7 +370,7 @@ class AutoIterativeNormal(AutoGuide):
             result = {} if self.globals is None else self.globals(*args, **kwargs)
         if not self.layout.sites:
             return result
-        params = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
+        params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
         locs = self.layout.split(params["loc"])
         scales = self.layout.split(torch.exp(0.5 * params["log_var"]))
         trace = self.prototype_trace
@@ -380,6 +380,8 @@ class AutoIterativeNormal(AutoGuide):
             with ExitStack() as stack:
                 for frame in frames:
                     stack.enter_context(plates[frame.name])
+                if isinstance(masks.get(site.name), Tensor):  # masked in the model (e.g. padding): here too
+                    stack.enter_context(poutine.mask(mask=masks[site.name]))
                 u = pyro.sample(
                     site.name + "_unconstrained",
                     dist.Normal(locs[site.name], scales[site.name]).to_event(site.event_dim),
@@ -398,8 +400,9 @@ class AutoIterativeNormal(AutoGuide):
     def _refine(
         self, plates: dict[str, pyro.plate], conditioned: dict[str, Tensor], outer: Sequence[Any], args: tuple,
         kwargs: dict, *, generator: torch.Generator | None,
-    ) -> Params:
-        """Runs the T refinement steps and returns the final λ as ``{"loc", "log_var"}`` of shape ``[*left, D]``.
+    ) -> tuple[Params, dict[str, Any]]:
+        """Runs the T refinement steps; returns the final λ as ``{"loc", "log_var"}`` of shape ``[*left, D]``, and
+        the model's masks of the local latent sites (by name, where the model masks them).
 
         In training (grad enabled), λ_T keeps its graph to the update network, and the surrogate of steps
         1..T−1 is reported to :class:`IterativeTrace_ELBO` (see :mod:`.elbo`).
@@ -438,7 +441,7 @@ class AutoIterativeNormal(AutoGuide):
             raise batch_norm_error(f"the model's {type(module).__name__}", module, cause="test_time")
         if train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
-        return {name: value.reshape(*left, dim) for name, value in run.params.items()}
+        return {name: value.reshape(*left, dim) for name, value in run.params.items()}, log_joint.masks
 
     # -- summaries ---------------------------------------------------------------------------------------------------
 
@@ -453,7 +456,7 @@ class AutoIterativeNormal(AutoGuide):
         plates = self._create_plates(*args, **kwargs)
         conditioned = {} if self.globals is None else self.globals.median(*args, **kwargs)
         generator = torch.Generator(device=self.init_loc.device).manual_seed(SUMMARY_SEED)
-        params = self._refine(plates, dict(conditioned), get_plates(), args, kwargs, generator=generator)
+        params, _ = self._refine(plates, dict(conditioned), get_plates(), args, kwargs, generator=generator)
         return self.layout.split(params["loc"]), self.layout.split(torch.exp(0.5 * params["log_var"]))
 
     @torch.no_grad()

@@ -88,6 +88,8 @@ class LocalLogJoint:
         self.layout, self.left_shape, self.conditioned = layout, left_shape, conditioned
         self.subsample_scale = subsample_scale
         self.train_mode = train_mode
+        #: the model's masks of the local latent sites in the last run (``poutine.mask`` in the model, e.g. padding)
+        self.masks: dict[str, Any] = {}
 
     def trace(self, u: Tensor) -> tuple[Trace, Tensor]:
         """Runs the model at unconstrained ``u`` ``[*lead, prod(left), D]``: (trace, log|det J| ``[*lead, *left]``)."""
@@ -97,6 +99,7 @@ class LocalLogJoint:
             trace = poutine.trace(poutine.condition(self.model, data={**self.conditioned, **values})).get_trace(
                 *self.args, **self.kwargs
             )
+        self.masks = {site.name: trace.nodes[site.name]["mask"] for site in self.layout.sites if site.name in trace}
         return trace, log_det
 
     def _plate_sites(self, trace: Trace) -> list[Message]:
@@ -108,12 +111,18 @@ class LocalLogJoint:
         ]
 
     def log_joint(self, x: Tensor | None, u: Tensor) -> Tensor:
-        """log p(x_i, T(u_i) | globals) + log|det J|, shape ``u.shape[:-1]`` (``x`` is unused: the model has it)."""
+        """log p(x_i, T(u_i) | globals) + log|det J|, shape ``u.shape[:-1]`` (``x`` is unused: the model has it).
+        Masked local latents count with their (unmasked) prior term."""
         trace, total = self.trace(u)
+        latent = {site.name for site in self.layout.sites}
         for site in self._plate_sites(trace):
             fn, value = sample_site(site)
             log_prob = fn.log_prob(value, *site["args"], **site["kwargs"])
-            log_prob = scale_and_mask(log_prob, site["scale"] / self.subsample_scale, site["mask"])
+            # A masked local latent (padding) is scored by its prior, unmasked, so its posterior stays the prior's
+            # instead of drifting where nothing constrains it; the guide masks it as the model does (its ELBO terms
+            # then cancel), so this changes what the steps see, not the ELBO.
+            mask = None if site["name"] in latent else site["mask"]
+            log_prob = scale_and_mask(log_prob, site["scale"] / self.subsample_scale, mask)
             total = total + self.layout.per_datapoint(log_prob)
         return total.reshape(*u.shape[:-1])
 
