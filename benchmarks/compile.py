@@ -126,8 +126,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="torch's default device for the run, e.g. cuda (default cpu)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        torch.set_default_device(args.device)
     results = []
     for mode in args.modes:
         for batch in args.batches:

@@ -172,8 +172,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="refinement steps of AutoIterativeNormal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="torch's default device for the run, e.g. cuda (default cpu)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        torch.set_default_device(args.device)
     results = run(args)
     record = {
         "command": "python benchmarks/pyro_vae.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
