@@ -30,6 +30,7 @@ REQUIRED = {
     "rme_barrier": ("best_barrier",),
     "rme_barrier_selection": ("selected_barrier",),
     "hierarchical_comparison": ("nll_standard", "nll_iterative", "nll_standard_minus_iterative"),
+    "gap_report": ("ais_log_px", "approximation_gap_encoder", "amortization_gap_encoder", "amortization_gap_learned"),
 }
 
 
