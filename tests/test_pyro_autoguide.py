@@ -22,6 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 from pyro import poutine  # noqa: E402
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoGuideList, AutoNormal  # noqa: E402
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_value  # noqa: E402
 
 from learned_inference.integrations.pyro import (  # noqa: E402
     AutoIterativeNormal,
@@ -281,6 +282,30 @@ def test_local_log_joint_gradient_matches_the_conjugate_model(x, u0):
     u = torch.full((len(x), 1), u0, requires_grad=True)
     (grad,) = torch.autograd.grad(log_joint.log_joint(None, u).sum(), u)
     torch.testing.assert_close(grad[:, 0], -u0 + (x - u0) / 0.25)
+
+
+def test_local_log_joint_runs_the_model_without_argument_validation():
+    """Inside the refinement the model runs without Pyro's argument validation: a step that reaches parameters a
+    distribution refuses (here a probability of exactly 1, which the validated model rejects) scores that datapoint
+    at the distribution's own limit (or non-finite, for the engine's non-finite policy), instead of raising a
+    ValueError that would stop the whole batch; the other datapoints' values are unchanged."""
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.NegativeBinomial(total_count=5.0, probs=torch.sigmoid(40 * z)), obs=x)
+
+    x = torch.tensor([1.0, 2.0, 3.0])
+    at_zero = InitMessenger(init_to_value(values={"z": torch.zeros(3)}))(model)  # latent, at 0
+    trace = poutine.block(poutine.trace(at_zero).get_trace, hide_fn=lambda m: m["is_observed"])(x)
+    layout = local_layout(trace, find_amortized_plates(trace, None))
+    log_joint = LocalLogJoint(model, (x,), {}, layout=layout, left_shape=(3,), conditioned={"data": torch.arange(3)})
+    u = torch.tensor([[0.0], [10.0], [-1.0]])  # sigmoid(400) is 1.0 in float32: outside NegativeBinomial's [0, 1)
+    with pyro.validation_enabled(True):
+        values = log_joint.log_joint(None, u)
+        with pytest.raises(ValueError, match="probs"):  # the model itself, validated, refuses it
+            poutine.condition(model, data={"z": u[:, 0]})(x)
+    valid = log_joint.log_joint(None, torch.tensor([[0.0], [0.0], [-1.0]]))
+    torch.testing.assert_close(values[[0, 2]], valid[[0, 2]])
 
 
 def test_conjugate_posterior_matches_exact_on_training_and_new_data():

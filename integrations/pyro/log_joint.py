@@ -13,7 +13,8 @@ Sites outside the plate do not enter: the model must not couple datapoints throu
 
 Example:
     >>> import torch, pyro, pyro.distributions as dist
-    >>> from pyro import poutine
+    >>> import pyro
+from pyro import poutine
     >>> def model(x):
     ...     with pyro.plate("data", len(x)):
     ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -35,6 +36,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -91,11 +93,13 @@ class LocalLogJoint:
         #: the model's masks of the local latent sites in the last run (``poutine.mask`` in the model, e.g. padding)
         self.masks: dict[str, Any] = {}
 
-    def trace(self, u: Tensor) -> tuple[Trace, Tensor]:
-        """Runs the model at unconstrained ``u`` ``[*lead, prod(left), D]``: (trace, log|det J| ``[*lead, *left]``)."""
+    def trace(self, u: Tensor, *, validate: bool = True) -> tuple[Trace, Tensor]:
+        """Runs the model at unconstrained ``u`` ``[*lead, prod(left), D]``: (trace, log|det J| ``[*lead, *left]``);
+        without Pyro's argument validation when ``validate`` is False."""
         u = u.reshape(*u.shape[:-2], *self.left_shape, u.shape[-1])
         values, log_det = self.layout.constrain(u)
-        with poutine.block(), nullcontext() if self.train_mode is None else self.train_mode:
+        with poutine.block(), nullcontext() if self.train_mode is None else self.train_mode, \
+                nullcontext() if validate else pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(self.model, data={**self.conditioned, **values})).get_trace(
                 *self.args, **self.kwargs
             )
@@ -112,8 +116,13 @@ class LocalLogJoint:
 
     def log_joint(self, x: Tensor | None, u: Tensor) -> Tensor:
         """log p(x_i, T(u_i) | globals) + log|det J|, shape ``u.shape[:-1]`` (``x`` is unused: the model has it).
-        Masked local latents count with their (unmasked) prior term."""
-        trace, total = self.trace(u)
+        Masked local latents count with their (unmasked) prior term.
+
+        The model runs without Pyro's argument validation: a step that reaches parameters a distribution refuses
+        (a probability of exactly 1, an overflowing rate) gives that datapoint a non-finite value, which the
+        engine's non-finite policy handles (the datapoint keeps its last finite λ, with a warning), where the
+        validation error would stop the whole batch. The ELBO's own run of the model keeps validation."""
+        trace, total = self.trace(u, validate=False)
         latent = {site.name for site in self.layout.sites}
         for site in self._plate_sites(trace):
             fn, value = sample_site(site)
