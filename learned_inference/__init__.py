@@ -48,6 +48,7 @@ from learned_inference.likelihoods import (
     log_var_from_squared_error,
     make_likelihood,
 )
+from learned_inference.low_rank import LowRankGaussian
 from learned_inference.mixture import GaussianMixture
 from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
 from learned_inference.networks import (
@@ -110,6 +111,7 @@ __all__ = [
     "LatentSpace",
     "Likelihood",
     "LogSignGradient",
+    "LowRankGaussian",
     "ModelWithInference",
     "MultinomialLikelihood",
     "NaturalGradientUpdate",

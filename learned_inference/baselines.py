@@ -37,6 +37,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
@@ -168,23 +169,28 @@ class _GradientRefinement(InferenceMethod):
         return super().forward(x, init_params=init_params, noise=noise)
 
     def init(self, x: Tensor) -> Params:
-        """λ_0: the prior, or the encoder's (loc, log_var) with its graph (checked by
-        :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them); for a
-        family with further parameters (a mixture) the encoder returns all of λ, a dict like ``result.params``."""
+        """λ_0: the prior, or the encoder's output with its graph. For a family with further parameters (a
+        mixture's logits, a low-rank factor) ``init="highway"``'s encoder, or a callable, returns all of λ, a dict
+        like ``result.params``; otherwise the encoder's (loc, log_var) (checked by
+        :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them) starts
+        the family (:meth:`~learned_inference.families.Family.from_diagonal`: for a low-rank Gaussian, that diagonal
+        Gaussian exactly; a mixture cannot start so)."""
         space = self.space
         if self.encoder is None:
             return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
-        if self._encoder_gives_all_params():
-            out = self.encoder(x)
-            if not isinstance(out, Mapping):
-                raise TypeError(f"family={self.family!r} needs an encoder returning all of λ, a dict with entries "
-                                f"{list(self.family.param_names)}; got {type(out).__name__} (init='highway' builds "
-                                "one)")
+        out: Any = self.encoder(x)
+        if isinstance(self.encoder, FamilyEncoder) and isinstance(self.family, BlockFamily):
+            out = self.family.blocks(out)  # its flat λ in the public form, per variable
+        keys = self.family.param_names if space.names is None else space.names
+        if self._encoder_gives_all_params() and isinstance(out, Mapping) and set(out) == set(keys):
             return self.family.constrain(self._flatten(dict(out), x))
         source = {"encoder": "model.encode(x)", "highway": "the highway encoder"}.get(self.start, "the init= encoder")
-        loc, log_var = encoder_output(self.encoder(x), batch=x.shape[0], space=space, source=source, fix="init=")
-        flat = {"loc": space.merge(loc), "log_var": space.merge(log_var)}
-        return self.family.constrain({name: flat[name] for name in self.family.param_names})
+        loc, log_var = encoder_output(out, batch=x.shape[0], space=space, source=source, fix="init=")
+        params = self._start_from_pair(space.merge(loc), space.merge(log_var))
+        if params is None:
+            raise TypeError(f"family={self.family!r} needs an encoder returning all of λ, a dict with entries "
+                            f"{list(keys)}; got {type(out).__name__} (init='highway' builds one)")
+        return params
 
     def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
         """:meth:`_ascend` on ∇_λ L_t, clipped per example to ``max_grad_norm``."""

@@ -1,15 +1,19 @@
 """One posterior family per latent variable, over the flat λ that inference works on.
 
 With several latent variables λ is one ``[B, D_total]`` tensor per parameter, the variables concatenated in the
-order of the :class:`~learned_inference.model.LatentSpace`. :class:`BlockFamily` applies each variable's own
-family to its block of columns: samples and constrained parameters are concatenated, entropies and KLs summed
+order of the :class:`~learned_inference.model.LatentSpace`, each variable's block as wide as its family says
+(:meth:`~learned_inference.families.Family.param_sizes`: D_v, or D_v·r for a low-rank factor).
+:class:`BlockFamily` applies each variable's own family to its block of columns: samples and constrained
+parameters are concatenated, entropies and KLs summed
 
     H[q] = Σ_v H[q_v],     KL(q || p) = Σ_v KL(q_v || p_v),
 
 and the posterior is one ``Distribution`` per variable (:meth:`BlockFamily.distributions`), or over the
 concatenated z (:meth:`BlockFamily.distribution`, a :class:`BlockDistribution`: log q(z) = Σ_v log q_v(z_v)). The
-families must share their parameter names (e.g. Gaussians with different ``log_var_bounds`` per level), so that
-λ keeps one tensor per parameter. Every method builds a ``BlockFamily`` when ``latent_dim`` is a dict.
+families must share their parameter names (e.g. Gaussians with different ``log_var_bounds`` per level, or low-rank
+Gaussians of different ranks), so that λ keeps one tensor per parameter, and draw plain samples (a mixture's
+weighted points do not combine across variables). Every method builds a ``BlockFamily`` when ``latent_dim`` is a
+dict.
 
 Example:
     >>> import torch
@@ -104,13 +108,31 @@ class BlockFamily(Family):
         if len(names) != 1:
             got = {name: family.param_names for name, family in self.families.items()}
             raise ValueError(f"the per-variable families must share their parameter names, got {got}")
+        weighted = [name for name, family in self.families.items()
+                    if type(family).sample_weights is not Family.sample_weights]
+        if weighted:
+            raise ValueError(f"the families of {weighted} weight their points (sample_weights, e.g. a mixture's "
+                             "strata), which do not combine across latent variables: such a family needs a single "
+                             "latent vector (latent_dim as an int)")
         self.param_names = names.pop()
         self.stochastic = any(family.stochastic for family in self.families.values())
 
+    def block_sizes(self) -> dict[str, dict[str, int]]:
+        """The width of every parameter's block per variable: ``{name: family.param_sizes(D_name)}``."""
+        return {v: f.param_sizes(self.space.sizes[v]) for v, f in self.families.items()}
+
+    def param_sizes(self, dim: int) -> dict[str, int]:
+        """The widths of the flat λ: each parameter's blocks summed over the variables."""
+        if dim != self.space.total_dim:
+            raise ValueError(f"dim must be the total latent size {self.space.total_dim}, got {dim}")
+        sizes = self.block_sizes().values()
+        return {p: sum(block[p] for block in sizes) for p in self.param_names}
+
     def blocks(self, params: Params) -> dict[str, Params]:
-        """The flat λ split per variable: ``{name: {param: [B, D_name]}}``."""
-        pieces = {p: self._pieces(value) for p, value in params.items()}
-        return {v: {p: pieces[p][v] for p in params} for v in self.families}
+        """The flat λ split per variable: ``{name: {param: [B, width]}}``, widths from :meth:`block_sizes`."""
+        sizes = self.block_sizes()
+        pieces = {p: value.split([sizes[v][p] for v in self.families], dim=-1) for p, value in params.items()}
+        return {v: {p: pieces[p][i] for p in params} for i, v in enumerate(self.families)}
 
     def _concat(self, blocks: Mapping[str, Params]) -> Params:
         return {p: torch.cat([blocks[v][p] for v in self.families], -1) for p in self.param_names}
@@ -125,6 +147,14 @@ class BlockFamily(Family):
         pieces = self.space.split(flat)
         assert isinstance(pieces, dict)  # the space names several variables (checked at construction)
         return pieces
+
+    def from_diagonal(self, loc: Tensor, log_var: Tensor) -> Params | None:
+        """Every variable's family started from its block of the pair, concatenated (None if one cannot start)."""
+        locs, log_vars = self._pieces(loc), self._pieces(log_var)
+        blocks = {v: f.from_diagonal(locs[v], log_vars[v]) for v, f in self.families.items()}
+        if any(block is None for block in blocks.values()):
+            return None
+        return self._concat({v: block for v, block in blocks.items() if block is not None})
 
     def sample(self, params: Params, noise: Tensor) -> Tensor:
         blocks, noises = self.blocks(params), self._pieces(noise)

@@ -158,9 +158,7 @@ class StepContext:
 
     def restrict(self, variable: str) -> StepContext:
         """The view of one latent variable: ``params`` and ``grads`` restricted to its block of λ."""
-        space = self.objective.space
-        params = {n: space.block(p, variable) for n, p in self.params.items()}
-        grads = {n: space.block(g, variable) for n, g in self.grads.items()}
+        params, grads = self._variable_block(self.params, variable), self._variable_block(self.grads, variable)
         return replace(self, params=params, grads=grads, variable=variable, _full=self._root(), _cache={})
 
     @property
@@ -173,8 +171,7 @@ class StepContext:
         natural: Params = root._cache["natural"]
         if self.variable is None:
             return natural
-        variable, space = self.variable, self.objective.space
-        return {n: space.block(g, variable) for n, g in natural.items()}
+        return self._variable_block(natural, self.variable)
 
     @property
     def family(self) -> Family:
@@ -185,6 +182,14 @@ class StepContext:
         if not isinstance(family, BlockFamily):
             raise TypeError(f"a per-variable view needs a family per latent variable (a BlockFamily), got {family!r}")
         return family.families[self.variable]
+
+    def _variable_block(self, params: Params, variable: str) -> Params:
+        """``params`` restricted to ``variable``'s columns: as its family lays them out in a
+        :class:`~learned_inference.block_family.BlockFamily` (D_v·r for a rank-r factor), else D_v per parameter."""
+        family, space = self.objective.family, self.objective.space
+        if isinstance(family, BlockFamily):
+            return family.blocks(params)[variable]
+        return {n: space.block(p, variable) for n, p in params.items()}
 
     def _root(self) -> StepContext:
         return self if self._full is None else self._full

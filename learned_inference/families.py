@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import reduce
 
 import torch
@@ -83,6 +84,15 @@ class Family:
     def initial_params(self, batch: int, dim: int, *, dtype: torch.dtype, device: torch.device | None) -> Params:
         """The prior's λ (N(0, I) or the origin) for ``batch`` examples."""
         raise NotImplementedError
+
+    def from_diagonal(self, loc: Tensor, log_var: Tensor) -> Params | None:
+        """λ of this family's member for N(loc, diag exp(log_var)) (``[B, D]`` each): how a ``(loc, log_var)``
+        encoder such as ``model.encode`` starts it, or None where the family cannot start from such a pair (a
+        mixture). By default the pair itself, for families whose λ is part of it (λ = (μ, log σ²), or μ)."""
+        pair = {"loc": loc, "log_var": log_var}
+        if not set(self.param_names) <= set(pair):
+            return None
+        return {name: pair[name] for name in self.param_names}
 
     def sample(self, params: Params, noise: Tensor) -> Tensor:
         """Reparameterized samples ``[S, B, D]`` from ``noise`` of shape ``[S, B, D]`` (``[N, B, D]`` points when
@@ -213,11 +223,20 @@ class Delta(Family):
         return "Delta()"
 
 
-_FAMILIES: dict[str, type[Family]] = {"diagonal_gaussian": DiagonalGaussian, "delta": Delta}
+def _low_rank() -> Family:
+    """``LowRankGaussian()`` (rank 2), imported here: its module imports this one."""
+    from learned_inference.low_rank import LowRankGaussian
+
+    return LowRankGaussian()
+
+
+_FAMILIES: dict[str, Callable[[], Family]] = {"diagonal_gaussian": DiagonalGaussian, "delta": Delta,
+                                              "low_rank": _low_rank}
 
 
 def make_family(family: str | Family) -> Family:
-    """A :class:`Family` from its name (``"diagonal_gaussian"``, ``"delta"``) or passes an instance through."""
+    """A :class:`Family` from its name (``"diagonal_gaussian"``, ``"delta"``, ``"low_rank"``: a
+    :class:`~learned_inference.low_rank.LowRankGaussian` of rank 2) or passes an instance through."""
     if isinstance(family, Family):
         return family
     if family not in _FAMILIES:

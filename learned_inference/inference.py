@@ -144,11 +144,7 @@ class InferenceMethod(nn.Module):
             return BlockFamily(family, space=self.space)
         if names is None or isinstance(family, BlockFamily):
             return make_family(family)
-        built = make_family(family)
-        if built.param_sizes(1) != dict.fromkeys(built.param_names, 1):
-            raise ValueError(f"family={built!r} has parameters that are not one value per latent dimension; it needs a "
-                             f"single latent vector (latent_dim as an int), got latent_dim={self.space.sizes}")
-        return BlockFamily(dict.fromkeys(names, built), space=self.space)
+        return BlockFamily(dict.fromkeys(names, make_family(family)), space=self.space)
 
     @property
     def model(self) -> LatentModel:
@@ -284,13 +280,20 @@ class InferenceMethod(nn.Module):
         return self._modes.run(train=train)
 
     def _encoder_gives_all_params(self) -> bool:
-        """Whether λ has parameters beyond (loc, log_var) (a mixture's logits): then an encoder for it returns all of
-        λ as a dict, and a (loc, log_var) encoder such as ``model.encode`` cannot start it."""
+        """Whether λ has parameters beyond (loc, log_var) (a mixture's logits, a low-rank factor): then an encoder
+        built for it returns all of λ as a dict."""
         return not set(self.family.param_names) <= {"loc", "log_var"}
+
+    def _start_from_pair(self, loc: Tensor, log_var: Tensor) -> Params | None:
+        """λ_0 from a ``(loc, log_var)`` encoder's flat output, completed and constrained by the family
+        (:meth:`~learned_inference.families.Family.from_diagonal`), or None where the family cannot start so."""
+        params = self.family.from_diagonal(loc, log_var)
+        return None if params is None else self.family.constrain(params)
 
     def _check_pair_encoder(self, init: str, *, fix: str) -> None:
         """Raises, naming ``fix``, when ``init`` (a ``(loc, log_var)`` encoder) cannot start this family's λ."""
-        if self._encoder_gives_all_params():
+        zeros = torch.zeros(1, self.space.total_dim)
+        if self._start_from_pair(zeros, zeros) is None:
             raise ValueError(f"init={init!r} starts from model.encode(x)'s (loc, log_var), but family={self.family!r} "
                              f"has parameters {list(self.family.param_names)}: {fix}")
 
@@ -306,15 +309,18 @@ class InferenceMethod(nn.Module):
                 raise ValueError(f"{label} must have entries {list(keys)} (a dict like result.params), got {got}")
             return value
 
+        def entry(label: str, value: Any, size: int, dim: int) -> Tensor:
+            return check_tensor(label, value, shape=[batch, size], like=like,
+                                layout="[B, D]" if size == dim else f"[B, {size}]")
+
         given = entries(params, names if space.names is None else space.names, "init_params")
         if space.names is None:
             sizes = self.family.param_sizes(space.total_dim)
-            return {p: check_tensor(f"init_params[{p!r}]", given[p], shape=[batch, sizes[p]], like=like,
-                                    layout="[B, D]" if sizes[p] == space.total_dim else f"[B, {sizes[p]}]")
-                    for p in names}
+            return {p: entry(f"init_params[{p!r}]", given[p], sizes[p], space.total_dim) for p in names}
+        assert isinstance(self.family, BlockFamily)  # several variables (_make_family)
+        widths = self.family.block_sizes()
         blocks = {v: entries(given[v], names, f"init_params[{v!r}]") for v in space.names}
-        return {p: space.merge({v: check_tensor(f"init_params[{v!r}][{p!r}]", blocks[v][p],
-                                                shape=[batch, space.sizes[v]], like=like, layout="[B, D]")
+        return {p: space.merge({v: entry(f"init_params[{v!r}][{p!r}]", blocks[v][p], widths[v][p], space.sizes[v])
                                 for v in space.names}) for p in names}
 
     def _public(self, params: Params) -> tuple[dict[str, Any], Distribution | dict[str, Distribution]]:

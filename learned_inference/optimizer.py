@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from torch import Tensor
 
+from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
 from learned_inference.engine import IterateAveraging, Training, mean_over_steps
@@ -62,6 +63,14 @@ def _build_network(
     return built
 
 
+def _part_sizes(family: Family, space: LatentSpace, variable: str | None) -> dict[str, int]:
+    """The widths of λ's parameters in one part of the network: all of λ (``variable`` None) or one variable's
+    block (its own family's widths, from the :class:`~learned_inference.block_family.BlockFamily`)."""
+    if variable is None:
+        return family.param_sizes(space.total_dim)
+    return cast(BlockFamily, family).block_sizes()[variable]
+
+
 def _build_update(update: str | Update, network: UpdateNetwork, family: Family, space: LatentSpace) -> Update:
     """The update heads for every part of the network."""
     parts = network.parts()
@@ -76,7 +85,7 @@ def _build_update(update: str | Update, network: UpdateNetwork, family: Family, 
                              "(e.g. 'gated_then_natural_gradient') to build matching heads")
         return update
     sizes = {v: space.total_dim if v is None else space.sizes[v] for v in parts}
-    heads = {v: make_update(update, family.param_sizes(sizes[v]), hidden_size=net.hidden_size, dim=sizes[v])
+    heads = {v: make_update(update, _part_sizes(family, space, v), hidden_size=net.hidden_size, dim=sizes[v])
              for v, net in parts.items()}
     if None in heads:
         return heads[None]
@@ -190,9 +199,8 @@ class IterativeInferenceOptimizer(InferenceMethod):
         """Sizes the network's input layer(s) for data of event shape ``data_shape`` (weights drawn now)."""
         data = math.prod(check_int("data_shape entries", int(d), minimum=1) for d in data_shape)
         for variable, part in self.network.parts().items():
-            size = self.space.total_dim if variable is None else self.space.sizes[variable]
-            shapes = FeatureShapes.of(data=data, param_names=self.family.param_sizes(size), space=self.space,
-                                      variable=variable)
+            shapes = FeatureShapes.of(data=data, param_names=_part_sizes(self.family, self.space, variable),
+                                      space=self.space, variable=variable)
             part.materialize(self.encoding.num_features(shapes))
 
     def init(self, x: Tensor) -> Params:
@@ -201,8 +209,9 @@ class IterativeInferenceOptimizer(InferenceMethod):
             return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
         loc, log_var = encoder_output(cast(WithEncoder, self.model).encode(x), batch=x.shape[0], space=self.space,
                                       source="model.encode(x)", fix="VAEModel(vae, ..., encode=...)")
-        encoded = {"loc": self.space.merge(loc), "log_var": self.space.merge(log_var)}
-        return self.family.constrain({name: encoded[name] for name in self.family.param_names})
+        params = self._start_from_pair(self.space.merge(loc), self.space.merge(log_var))
+        assert params is not None  # the family starts from a pair (checked at construction)
+        return params
 
     def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
         """The learned step (:func:`learned_step`); the engine then constrains it to the family's range."""
