@@ -62,8 +62,11 @@ class LowRankGaussian(Family):
     N(0, I) by default) exactly, with a non-zero factor carrying the share ``init_factor_share`` = c² of the
     variance of the first min(r, D) coordinates (W = 0 is a stationary point that gradient steps never leave).
 
-    Constraints (:meth:`constrain`): log σ² ∈ ``log_var_bounds`` (so Σ ⪰ e^{low} I: positive definite) and every
-    entry of W in [−``factor_bound``, ``factor_bound``].
+    Constraints (:meth:`constrain`): log σ² ∈ ``log_var_bounds`` (so Σ ⪰ e^{low} I: positive definite), every
+    entry of W in [−``factor_bound``, ``factor_bound``], and σᵢ² ≥ κ (W Wᵀ)ᵢᵢ with κ = ``min_diagonal_share``: every
+    coordinate keeps a share of its variance on the diagonal, so the capacitance's eigenvalues stay in
+    [1, 1 + D/κ] and its Cholesky factor exists in float32 (with κ = 10⁻³ up to D ≈ 1,600; correlations up to
+    |ρ| ≈ 1 − κ/2 remain expressible).
 
     Natural gradient (a documented approximation; the Fisher information of N(μ, Σ) in (W, log σ²) is dense):
     for μ the exact block F_μ = Σ⁻¹ (the Fisher information is block-diagonal between μ and the covariance), so
@@ -84,6 +87,7 @@ class LowRankGaussian(Family):
         log_var_bounds: the safe range of the diagonal's log σ².
         factor_bound: the largest |Wᵢⱼ|; None: exp(½ · log_var_bounds[1]), the largest diagonal scale.
         init_factor_share: c², the share of a starting coordinate's variance the factor carries, in (0, 1).
+        min_diagonal_share: κ, the smallest σᵢ² / (W Wᵀ)ᵢᵢ :meth:`constrain` keeps, in (0, 1).
 
     Example:
         >>> import torch
@@ -105,6 +109,7 @@ class LowRankGaussian(Family):
         log_var_bounds: tuple[float, float] = (-12.0, 6.0),
         factor_bound: float | None = None,
         init_factor_share: float = 0.5,
+        min_diagonal_share: float = 1e-3,
     ) -> None:
         self.rank = check_int("rank", rank, minimum=1)
         low, high = log_var_bounds
@@ -119,6 +124,10 @@ class LowRankGaussian(Family):
             raise ValueError(f"init_factor_share must be in (0, 1): 0 starts the factor at W = 0, a stationary point "
                              f"gradient steps never leave, and 1 leaves no diagonal; got {init_factor_share!r}")
         self.init_factor_share = float(init_factor_share)
+        if not 0 < min_diagonal_share < 1:
+            raise ValueError(f"min_diagonal_share must be in (0, 1) (it keeps the capacitance's Cholesky factor "
+                             f"computable), got {min_diagonal_share!r}")
+        self.min_diagonal_share = float(min_diagonal_share)
 
     def param_sizes(self, dim: int) -> dict[str, int]:
         return {"loc": dim, "factor": dim * self.rank, "log_var": dim}
@@ -185,8 +194,12 @@ class LowRankGaussian(Family):
                       - self._log_det(params, chol))
 
     def constrain(self, params: Params) -> Params:
-        return {"loc": params["loc"], "factor": params["factor"].clamp(-self.factor_bound, self.factor_bound),
-                "log_var": params["log_var"].clamp(*self.log_var_bounds)}
+        factor = params["factor"].clamp(-self.factor_bound, self.factor_bound)
+        low, high = self.log_var_bounds
+        floor = torch.log((self.min_diagonal_share * self._factor({"factor": factor}).square().sum(-1))
+                          .clamp(min=math.exp(low)))                                           # log κ (W Wᵀ)ᵢᵢ
+        return {"loc": params["loc"], "factor": factor,
+                "log_var": torch.maximum(params["log_var"], floor).clamp(low, high)}
 
     def natural_gradient(self, params: Params, grads: Params) -> Params:
         """(Σ ∇_μ, σᵢ² ∇_Wᵢⱼ, 2 ∇_{log σ²}): the metric of the class docstring inverted, in O(D·r); Σ ∇_μ =
@@ -211,4 +224,5 @@ class LowRankGaussian(Family):
 
     def __repr__(self) -> str:
         return (f"LowRankGaussian(rank={self.rank}, log_var_bounds={self.log_var_bounds}, "
-                f"factor_bound={self.factor_bound}, init_factor_share={self.init_factor_share})")
+                f"factor_bound={self.factor_bound}, init_factor_share={self.init_factor_share}, "
+                f"min_diagonal_share={self.min_diagonal_share})")
