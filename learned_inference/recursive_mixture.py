@@ -147,7 +147,9 @@ class RecursiveMixtureEncoder(InferenceMethod):
     :class:`~learned_inference.baselines.StandardEncoder`). The result's λ is a
     :class:`~learned_inference.mixture.GaussianMixture`'s, so a learned optimizer over that family refines it:
     ``IterativeInferenceOptimizer(model, latent_dim=D, family=GaussianMixture(M)).infer(x,
-    init_params=rme.infer(x).params)``.
+    init_params=rme.infer(x).params)``. Its components are diagonal Gaussians and it takes no ``family=``: for
+    correlated components it would need a mixture of :class:`~learned_inference.low_rank.LowRankGaussian`, which is
+    not a family of this library.
 
     Args:
         model: anything with ``log_joint(x, z)``.
