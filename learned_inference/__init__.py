@@ -14,8 +14,6 @@ from learned_inference.baselines import (
     GradientEStep,
     SemiAmortized,
     StandardEncoder,
-    clip_per_example,
-    momentum_ascent_step,
 )
 from learned_inference.block_family import BlockDistribution, BlockFamily
 from learned_inference.checkpoint import CheckpointError
@@ -135,7 +133,6 @@ __all__ = [
     "VAEModel",
     "__version__",
     "annealed_importance_sampling",
-    "clip_per_example",
     "elbo",
     "elbo_and_grad",
     "fit",
@@ -145,7 +142,6 @@ __all__ = [
     "make_encoding",
     "make_family",
     "make_likelihood",
-    "momentum_ascent_step",
     "observation_errors",
     "precision_weighted_errors",
     "prior_moments",

@@ -45,60 +45,33 @@ from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.model import LatentModel, WithEncoder, encoder_output
 from learned_inference.networks import HighwayEncoder
+from learned_inference.transforms import (
+    GradientTransform,
+    adam,
+    apply_updates,
+    chain,
+    clip_by_example_norm,
+    rmsprop,
+    scale,
+    sgd,
+    torch_optimizer,
+)
 
-__all__ = [
-    "GradientEStep",
-    "SemiAmortized",
-    "StandardEncoder",
-    "clip_per_example",
-    "momentum_ascent_step",
-]
+#: torch.optim classes run as pure transforms, with the options those take (others go through torch.optim)
+_PURE_OPTIMIZERS: dict[Any, tuple[Callable[..., GradientTransform], set[str]]] = {
+    torch.optim.SGD: (sgd, {"momentum"}),
+    torch.optim.Adam: (adam, {"betas", "eps"}),
+    torch.optim.RMSprop: (rmsprop, {"alpha", "eps"}),
+}
+
+__all__ = ["GradientEStep", "SemiAmortized", "StandardEncoder"]
 
 Encoder = Callable[[Tensor], tuple[Any, Any]]
 
 
-def clip_per_example(grads: Params, norm: Tensor, *, max_norm: float) -> Params:
-    """Scales each example's gradient (all of λ's parts together) to norm at most ``max_norm``.
-
-    g_b ← g_b · min(1, max_norm / (‖g_b‖ + 1e-6)), with ``norm`` the ``[B]`` norms ‖g_b‖ (``torch.nn.utils``'s
-    rule, per example instead of over the batch).
-
-    Example:
-        >>> g = {"loc": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
-        >>> clip_per_example(g, torch.tensor([5.0, 0.5]), max_norm=1.0)["loc"]
-        tensor([[0.6000, 0.8000],
-                [0.3000, 0.4000]])
-    """
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).unsqueeze(-1)
-    return {name: g * scale for name, g in grads.items()}
-
-
-def momentum_ascent_step(
-    params: Params, grads: Params, velocity: Params | None, *, lr: float, momentum: float
-) -> tuple[Params, Params]:
-    """One step of momentum gradient ascent, differentiable in all its inputs.
-
-    v_{t+1} = μ v_t + ∇_λ L_t (v_1 = ∇_λ L_0),   λ_{t+1} = λ_t + η v_{t+1}: ``torch.optim.SGD``'s rule
-    (dampening 0, no Nesterov) applied to −L, written out so that training can backpropagate through it.
-
-    Returns:
-        ``(λ_{t+1}, v_{t+1})``.
-
-    Example:
-        >>> p, g = {"loc": torch.zeros(1, 2)}, {"loc": torch.ones(1, 2)}
-        >>> p, v = momentum_ascent_step(p, g, None, lr=0.5, momentum=0.9)
-        >>> momentum_ascent_step(p, g, v, lr=0.5, momentum=0.9)[0]["loc"]
-        tensor([[1.4500, 1.4500]])
-    """
-    if velocity is None:
-        velocity = grads
-    else:
-        velocity = {name: momentum * velocity[name] + grads[name] for name in grads}
-    return {name: params[name] + lr * velocity[name] for name in params}, velocity
-
-
 class _GradientRefinement(InferenceMethod):
-    """The shared machinery: λ_0 (prior, or an encoder), then :meth:`_ascend` on the (clipped) ∇_λ L_t."""
+    """The shared machinery: λ_0 (prior, or an encoder), then a gradient transform of ∇_λ L_t
+    (:mod:`learned_inference.transforms`; clipped per example first when ``max_grad_norm`` is set)."""
 
     #: whether :meth:`forward` backpropagates through the steps (needs a differentiable ``_ascend``)
     backprop_through_steps: bool = False
@@ -192,16 +165,21 @@ class _GradientRefinement(InferenceMethod):
                             f"{list(keys)}; got {type(out).__name__} (init='highway' builds one)")
         return params
 
-    def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
-        """:meth:`_ascend` on ∇_λ L_t, clipped per example to ``max_grad_norm``."""
-        grads = context.grads
-        if self.max_grad_norm is not None:
-            grads = clip_per_example(grads, context.grad_norm, max_norm=self.max_grad_norm)
-        return self._ascend(context.params, grads, state)
+    def transform(self) -> GradientTransform:
+        """The step's gradient transform (the subclass's ascent, after per-example clipping when set)."""
+        ascent = self._ascent()
+        return ascent if self.max_grad_norm is None else chain(clip_by_example_norm(self.max_grad_norm), ascent)
 
-    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
-        """λ_{t+1} from λ_t and the ascent direction; ``state`` starts as None."""
+    def _ascent(self) -> GradientTransform:
         raise NotImplementedError
+
+    def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
+        """λ_{t+1} = λ_t + Δ_t, Δ_t the transform of ∇_λ L_t; ``state`` starts as None."""
+        transform = self.transform()
+        if state is None:
+            state = transform.init(context.params)
+        updates, state = transform.update(context.grads, state, context.params)
+        return apply_updates(context.params, updates), state
 
     def training_rule(self) -> Training:
         """The model from −L_T; an encoder from −L_0, or from −L_T through the steps."""
@@ -268,8 +246,9 @@ class StandardEncoder(_GradientRefinement):
             num_layers=num_layers, on_nonfinite=on_nonfinite,
         )
 
-    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
-        return params, state
+    def _ascent(self) -> GradientTransform:
+        """No refinement: Δ = 0 at every step (the encoder's λ is the answer)."""
+        return scale(0.0)
 
 
 class GradientEStep(_GradientRefinement):
@@ -355,20 +334,20 @@ class GradientEStep(_GradientRefinement):
 
     def _build_optimizer(self, tensors: list[Tensor]) -> torch.optim.Optimizer:
         # torch.optim.Optimizer's own signature has no lr; its subclasses take it
-        build = cast(Callable[..., torch.optim.Optimizer], self.optimizer)
-        return build(tensors, lr=self.lr, **self.optimizer_options)
+        return self._optimizer_class()(tensors, lr=self.lr, **self.optimizer_options)
 
-    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
-        if state is None:
-            leaves = {name: value.detach().clone() for name, value in params.items()}
-            state = leaves, self._build_optimizer(list(leaves.values()))
-        leaves, optimizer = state
-        with torch.no_grad():
-            for name, leaf in leaves.items():
-                leaf.copy_(params[name])  # λ_t as constrained (and kept on unhealthy rows) by the engine
-                leaf.grad = -grads[name].detach()
-        optimizer.step()
-        return {name: leaf.clone() for name, leaf in leaves.items()}, state
+    def _optimizer_class(self) -> Callable[..., torch.optim.Optimizer]:
+        return cast(Callable[..., torch.optim.Optimizer], self.optimizer)
+
+    def _ascent(self) -> GradientTransform:
+        """SGD (with momentum), Adam and RMSprop as pure transforms with torch.optim's arithmetic; any other
+        element-wise torch.optim optimizer (or those with options the pure ones lack) through its own step."""
+        pure = _PURE_OPTIMIZERS.get(self.optimizer)
+        if pure is not None:
+            build, accepted = pure
+            if set(self.optimizer_options) <= accepted:
+                return build(self.lr, **self.optimizer_options)
+        return torch_optimizer(self._optimizer_class(), lr=self.lr, options=self.optimizer_options)
 
     def extra_repr(self) -> str:
         return f"optimizer={self.optimizer.__name__}, lr={self.lr}, {super().extra_repr()}"
@@ -377,9 +356,10 @@ class GradientEStep(_GradientRefinement):
 class SemiAmortized(_GradientRefinement):
     """Semi-amortized inference: an encoder's guess refined by K steps of momentum SGD with clipping.
 
-    λ_0 = encoder(x), then K steps of :func:`momentum_ascent_step` on per-example clipped gradients (Kim et
-    al. 2018, "Semi-Amortized Variational Autoencoders"). Training, ``forward(x).loss``: the model learns from
-    the refined λ_K (stop-gradient); the encoder learns
+    λ_0 = encoder(x), then K steps of momentum SGD (:func:`~learned_inference.transforms.sgd`) on per-example
+    clipped gradients (Kim et al. 2018, "Semi-Amortized Variational Autoencoders"): the transform
+    ``chain(clip_by_example_norm(max_grad_norm), sgd(lr, momentum=momentum))``. Training, ``forward(x).loss``:
+    the model learns from the refined λ_K (stop-gradient); the encoder learns
 
     * with ``backprop_through_steps=True`` (Kim et al., default) from dL(λ_K)/dλ_0, differentiating through
       the K steps (second-order: Hessian-vector products of the ELBO; memory grows with K);
@@ -444,8 +424,9 @@ class SemiAmortized(_GradientRefinement):
         self.lr, self.momentum = float(lr), float(momentum)
         self.backprop_through_steps = bool(backprop_through_steps)
 
-    def _ascend(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
-        return momentum_ascent_step(params, grads, state, lr=self.lr, momentum=self.momentum)
+    def _ascent(self) -> GradientTransform:
+        """Momentum gradient ascent (differentiable: training may backpropagate through the steps)."""
+        return sgd(self.lr, momentum=self.momentum)
 
     def extra_repr(self) -> str:
         return (
