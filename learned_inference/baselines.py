@@ -263,7 +263,9 @@ class GradientEStep(_GradientRefinement):
     Args:
         model: anything with ``log_joint(x, z)``.
         latent_dim: the size of z, or a dict of sizes for several latent variables.
-        optimizer: a ``torch.optim.Optimizer`` class (default ``torch.optim.Adam``).
+        optimizer: a ``torch.optim.Optimizer`` class (default ``torch.optim.Adam``), or a
+            :class:`~learned_inference.transforms.GradientTransform` (which carries its own step size: ``lr`` and
+            ``optimizer_options`` are then not used).
         lr: its learning rate.
         num_steps: steps T (default for :meth:`forward` and :meth:`infer`).
         optimizer_options: further keyword arguments for ``optimizer`` (e.g. ``{"momentum": 0.9}``).
@@ -299,7 +301,7 @@ class GradientEStep(_GradientRefinement):
         model: LatentModel,
         *,
         latent_dim: int | dict[str, int],
-        optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer: type[torch.optim.Optimizer] | GradientTransform = torch.optim.Adam,
         lr: float = 0.1,
         num_steps: int = 100,
         optimizer_options: Mapping[str, Any] | None = None,
@@ -317,13 +319,16 @@ class GradientEStep(_GradientRefinement):
             num_samples=num_samples, analytic_kl=analytic_kl, max_grad_norm=max_grad_norm,
             hidden_size=hidden_size, num_layers=num_layers, on_nonfinite=on_nonfinite,
         )
-        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer class, got {optimizer!r}")
-        if issubclass(optimizer, torch.optim.LBFGS):
-            raise ValueError("optimizer must update element-wise, without a closure; LBFGS couples examples")
         self.optimizer = optimizer
         self.lr = lr
         self.optimizer_options = dict(optimizer_options or {})
+        if isinstance(optimizer, GradientTransform):
+            return
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer class or a GradientTransform (e.g. "
+                            f"learned_inference.transforms.adam(0.1)), got {optimizer!r}")
+        if issubclass(optimizer, torch.optim.LBFGS):
+            raise ValueError("optimizer must update element-wise, without a closure; LBFGS couples examples")
         try:  # validate lr and the options now rather than at the first step
             self._build_optimizer([torch.zeros(1, requires_grad=True)])
         except (TypeError, ValueError) as error:
@@ -342,6 +347,8 @@ class GradientEStep(_GradientRefinement):
     def _ascent(self) -> GradientTransform:
         """SGD (with momentum), Adam and RMSprop as pure transforms with torch.optim's arithmetic; any other
         element-wise torch.optim optimizer (or those with options the pure ones lack) through its own step."""
+        if isinstance(self.optimizer, GradientTransform):
+            return self.optimizer
         pure = _PURE_OPTIMIZERS.get(self.optimizer)
         if pure is not None:
             build, accepted = pure
@@ -350,7 +357,8 @@ class GradientEStep(_GradientRefinement):
         return torch_optimizer(self._optimizer_class(), lr=self.lr, options=self.optimizer_options)
 
     def extra_repr(self) -> str:
-        return f"optimizer={self.optimizer.__name__}, lr={self.lr}, {super().extra_repr()}"
+        name = "GradientTransform" if isinstance(self.optimizer, GradientTransform) else self.optimizer.__name__
+        return f"optimizer={name}, lr={self.lr}, {super().extra_repr()}"
 
 
 class SemiAmortized(_GradientRefinement):

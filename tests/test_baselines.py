@@ -415,3 +415,15 @@ def test_bad_inputs_name_the_argument() -> None:
         method.infer(x.long())
     with pytest.raises(ValueError, match="init_params must have entries"):
         method.infer(x, init_params={"loc": torch.zeros(3, LATENT, dtype=DTYPE)})
+
+
+def test_gradient_e_step_takes_a_gradient_transform() -> None:
+    x, noise = _data(4, 3)
+    options = {"latent_dim": LATENT, "num_samples": SAMPLES, "num_steps": STEPS}
+    composed = GradientEStep(MODEL, optimizer=transforms.chain(transforms.clip_by_example_norm(1.0),
+                                                               transforms.adam(0.05)), **options)
+    reference = GradientEStep(MODEL, optimizer=torch.optim.Adam, lr=0.05, max_grad_norm=1.0, **options)
+    _assert_rows_close(_rows(composed.infer(x, noise=noise), torch.arange(4)),
+                       _rows(reference.infer(x, noise=noise), torch.arange(4)))
+    with pytest.raises(TypeError, match="GradientTransform"):
+        GradientEStep(MODEL, latent_dim=LATENT, optimizer="adam")  # type: ignore[arg-type]
