@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, constraints
 
+from learned_inference.validation import check_bounds
+
 __all__ = ["Delta", "DiagonalGaussian", "Dirac", "Family", "detach", "make_family", "normal_prior_moments"]
 
 Params = dict[str, Tensor]
@@ -153,10 +155,7 @@ class DiagonalGaussian(Family):
     param_names = ("loc", "log_var")
 
     def __init__(self, *, log_var_bounds: tuple[float, float] = (-12.0, 6.0)) -> None:
-        low, high = log_var_bounds
-        if not low < high:
-            raise ValueError(f"log_var_bounds must be (low, high) with low < high, got {log_var_bounds!r}")
-        self.log_var_bounds = (float(low), float(high))
+        self.log_var_bounds = check_bounds("log_var_bounds", log_var_bounds)
 
     def initial_params(self, batch: int, dim: int, *, dtype: torch.dtype, device: torch.device | None) -> Params:
         zeros = torch.zeros(batch, dim, dtype=dtype, device=device)

@@ -89,8 +89,9 @@ class InferenceMethod(nn.Module):
         model: anything with ``log_joint(x, z)`` (see :mod:`learned_inference.model`).
         latent_dim: the size of z, or a dict of sizes for several latent variables.
         num_steps: steps T used by :meth:`forward` (and by :meth:`infer` unless overridden).
-        family: ``"diagonal_gaussian"``, ``"delta"``, a :class:`~learned_inference.families.Family`, or for several
-            latent variables a dict of them, one per variable (a :class:`~learned_inference.block_family.BlockFamily`).
+        family: ``"diagonal_gaussian"``, ``"delta"``, ``"low_rank"``, a :class:`~learned_inference.families.Family`,
+            or for several latent variables a dict of them, one per variable (a
+            :class:`~learned_inference.block_family.BlockFamily`).
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         antithetic: draw the samples in antithetic pairs (ε, −ε) (``num_samples`` even), which cancels the noise

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.distributions import Distribution, LowRankMultivariateNormal
 
 from learned_inference.families import Family, Params
-from learned_inference.validation import check_int
+from learned_inference.validation import check_bounds, check_int
 
 __all__ = ["LowRankGaussian"]
 
@@ -112,10 +112,7 @@ class LowRankGaussian(Family):
         min_diagonal_share: float = 1e-3,
     ) -> None:
         self.rank = check_int("rank", rank, minimum=1)
-        low, high = log_var_bounds
-        if not low < high:
-            raise ValueError(f"log_var_bounds must be (low, high) with low < high, got {log_var_bounds!r}")
-        self.log_var_bounds = (float(low), float(high))
+        self.log_var_bounds = check_bounds("log_var_bounds", log_var_bounds)
         bound = math.exp(0.5 * self.log_var_bounds[1]) if factor_bound is None else factor_bound
         if not bound > 0:
             raise ValueError(f"factor_bound must be > 0 (or None for exp(log_var_bounds[1] / 2)), got {factor_bound!r}")

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
 from learned_inference.families import Family, Params
-from learned_inference.validation import check_int
+from learned_inference.validation import check_bounds, check_int
 
 __all__ = ["GaussianMixture", "component_view"]
 
@@ -92,9 +92,7 @@ class GaussianMixture(Family):
         min_weight: float = 1e-6,
     ) -> None:
         self.num_components = check_int("num_components", num_components, minimum=1)
-        low, high = log_var_bounds
-        if not low < high:
-            raise ValueError(f"log_var_bounds must be (low, high) with low < high, got {log_var_bounds!r}")
+        self.log_var_bounds = check_bounds("log_var_bounds", log_var_bounds)
         if not init_spread >= 0:
             raise ValueError(f"init_spread must be >= 0 (0 only for K = 1), got {init_spread!r}")
         if init_spread == 0 and num_components > 1:
@@ -103,7 +101,6 @@ class GaussianMixture(Family):
         if not 0 < min_weight < 1 / num_components:
             raise ValueError(f"min_weight must be in (0, 1/num_components) = (0, {1 / num_components:g}), got "
                              f"{min_weight!r}")
-        self.log_var_bounds = (float(low), float(high))
         self.init_spread = float(init_spread)
         self.min_weight = float(min_weight)
 

@@ -105,8 +105,9 @@ class IterativeInferenceOptimizer(InferenceMethod):
         latent_dim: the size of z, or a dict of sizes for several latent variables (listed bottom-up for a
             hierarchy: ``{"z1": 64, "z2": 32}``, z1 next to the data).
         num_steps: refinement steps T used by :meth:`forward` (and by :meth:`infer` unless overridden).
-        family: ``"diagonal_gaussian"`` (default), ``"delta"``, a :class:`~learned_inference.families.Family`, or a
-            dict of them per latent variable.
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, ``"low_rank"`` (a
+            :class:`~learned_inference.low_rank.LowRankGaussian` of rank 2), a
+            :class:`~learned_inference.families.Family`, or a dict of them per latent variable.
         encoding: what the network sees: names or :class:`~learned_inference.encodings.Encoding` objects
             (default ``("gradient", "data", "params")``; ``"hierarchical_errors"`` adds the bottom-up and
             top-down errors of a model with ``conditionals(z)``, see :mod:`learned_inference.hierarchical`).
@@ -124,7 +125,8 @@ class IterativeInferenceOptimizer(InferenceMethod):
         num_samples: reparameterized samples S per ELBO evaluation (default 2, an antithetic pair).
         antithetic: draw them in antithetic pairs (ε, −ε): the λ-gradient's noise term linear in ε cancels, which
             lets the learned steps be large without chasing noise. Default (None): pairs when S is even.
-        init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``).
+        init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``'s diagonal
+            Gaussian, in the family's parameters: :meth:`~learned_inference.families.Family.from_diagonal`).
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         backprop_through_steps: keep the graph across steps (backpropagation through time). Default: False for
             feed-forward networks (constant memory), True for recurrent ones.

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_data", "check_int", "check_placement", "check_tensor"]
+__all__ = ["check_bounds", "check_data", "check_int", "check_placement", "check_tensor"]
 
 
 def check_int(name: str, value: object, *, minimum: int) -> int:
@@ -24,6 +24,15 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_bounds(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    """Returns ``value`` as floats if it is a range ``(low, high)`` with low < high, else raises a ``ValueError``
+    naming ``name``."""
+    low, high = value
+    if not low < high:
+        raise ValueError(f"{name} must be (low, high) with low < high, got {value!r}")
+    return float(low), float(high)
 
 
 def check_data(x: object, *, name: str = "x") -> Tensor:
