@@ -207,7 +207,7 @@ class StandardEncoder(_GradientRefinement):
         init: the encoder: ``"encoder"`` (``model.encode``, default), ``"highway"`` (a built
             :class:`~learned_inference.networks.HighwayEncoder`, a submodule), or any callable/module
             x → (loc, log_var).
-        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, ``"low_rank"``, or a
             :class:`~learned_inference.families.Family`.
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
@@ -272,7 +272,7 @@ class GradientEStep(_GradientRefinement):
         init: λ_0: ``"prior"`` (default), ``"encoder"`` (``model.encode``), ``"highway"`` (a built
             :class:`~learned_inference.networks.HighwayEncoder`), or a callable x → (loc, log_var).
         max_grad_norm: clip each example's λ-gradient to this norm (None: no clipping).
-        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, ``"low_rank"``, or a
             :class:`~learned_inference.families.Family`.
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
@@ -383,7 +383,7 @@ class SemiAmortized(_GradientRefinement):
         backprop_through_steps: train the encoder through the steps (see above).
         init: the encoder: ``"encoder"`` (``model.encode``, default), ``"highway"`` (a built
             :class:`~learned_inference.networks.HighwayEncoder`), or a callable x → (loc, log_var).
-        family: ``"diagonal_gaussian"`` (default), ``"delta"``, or a
+        family: ``"diagonal_gaussian"`` (default), ``"delta"``, ``"low_rank"``, or a
             :class:`~learned_inference.families.Family`.
         num_samples: reparameterized samples S per ELBO evaluation.
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
