@@ -58,6 +58,10 @@ class LowRankGaussian(Family):
     matrix is formed. A diagonal Gaussian's ELBO costs O(D) per sample, so r = 2 … 8 adds little to a step whose
     cost is the model's.
 
+    Precision: λ in float32 or float64 (torch's Cholesky factorisation has no half-precision kernels). Training
+    under ``torch.autocast`` works (the ELBO and its λ-gradient are evaluated in float32); a model and data in pure
+    bfloat16 are refused with a ``TypeError``.
+
     Initialisation (:meth:`initial_params`, :meth:`from_diagonal`): the given diagonal Gaussian (the prior
     N(0, I) by default) exactly, with a non-zero factor carrying the share ``init_factor_share`` = c² of the
     variance of the first min(r, D) coordinates (W = 0 is a stationary point that gradient steps never leave).
@@ -133,8 +137,16 @@ class LowRankGaussian(Family):
         """W ``[B, D, r]``."""
         return params["factor"].unflatten(-1, (-1, self.rank))
 
+    @staticmethod
+    def _check_dtype(loc: Tensor) -> None:
+        if loc.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"LowRankGaussian needs λ in float32 or float64, got {loc.dtype}: torch's Cholesky "
+                            "factorisation has no half-precision kernels. Keep the model and data in float32 and train "
+                            "under torch.autocast (the ELBO and its λ-gradient are then evaluated in float32)")
+
     def _capacitance(self, params: Params) -> tuple[Tensor, Tensor, Tensor]:
         """``(σ [B, D], U = W / σ [B, D, r], L [B, r, r])`` with L Lᵀ = I + Uᵀ U (lower triangular)."""
+        self._check_dtype(params["loc"])
         scale = torch.exp(0.5 * params["log_var"])
         u = self._factor(params) / scale.unsqueeze(-1)
         eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
@@ -215,6 +227,7 @@ class LowRankGaussian(Family):
                 + 0.5 * step["log_var"].square().sum(-1))
 
     def distribution(self, params: Params) -> Distribution:
+        self._check_dtype(params["loc"])
         # valid by construction: no argument validation (it would synchronise a GPU)
         return LowRankMultivariateNormal(params["loc"], self._factor(params), torch.exp(params["log_var"]),
                                          validate_args=False)

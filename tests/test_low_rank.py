@@ -28,7 +28,7 @@ from learned_inference import (
     StandardEncoder,
 )
 from learned_inference.checkpoint import load_checkpoint, save_checkpoint
-from learned_inference.evaluation import importance_weighted_log_marginal
+from learned_inference.evaluation import amortization_gap, importance_weighted_log_marginal
 from learned_inference.families import make_family
 from learned_inference.model import LatentSpace
 from learned_inference.objectives import elbo_and_grad
@@ -226,6 +226,8 @@ def test_every_method_runs_and_trains_with_the_low_rank_family() -> None:
         assert result.params["factor"].shape == (32, 2 * D), name
         assert isinstance(result.posterior, LowRankMultivariateNormal), name
         assert _loss_falls(method, x, iterations=50, by=5.0), name
+    stopped = trainable["learned optimizer"].infer(x, num_steps=6, tol=1e-3, keep_best=True)  # the engine's watches
+    assert bool((stopped.steps <= 6).all()) and bool(torch.isfinite(stopped.elbo).all())
     e_step = GradientEStep(model, latent_dim=D, family=LowRankGaussian(2), num_steps=30, lr=0.05, num_samples=4)
     elbo = e_step.infer(x).elbo.mean(1)
     assert float(elbo[-1]) > float(elbo[0]) + 5.0
@@ -309,6 +311,10 @@ def test_iwae_with_the_exact_low_rank_posterior_is_exact() -> None:
     params = {"loc": loc, "factor": factor, "log_var": torch.full_like(loc, math.log(0.05))}
     estimate = importance_weighted_log_marginal(model, LowRankGaussian(2).distribution(params), x, num_samples=16)
     torch.testing.assert_close(estimate, model.log_marginal(x).double())
+    start = StandardEncoder(model, latent_dim=D, family="low_rank", init=lambda x: (loc, torch.zeros_like(loc)))
+    e_step = GradientEStep(model, latent_dim=D, family="low_rank", num_steps=300, lr=0.03, num_samples=16)
+    gap = amortization_gap(start.infer(x), x, e_step=e_step, num_samples=2000)  # a unit-variance guess, mean exact
+    assert float(gap.min()) > 1.0
 
 
 def test_clear_errors() -> None:
@@ -320,6 +326,9 @@ def test_clear_errors() -> None:
         LowRankGaussian(2, min_diagonal_share=1.0)
     with pytest.raises(ValueError, match="log_var_bounds"):
         LowRankGaussian(2, log_var_bounds=(1.0, 0.0))
+    half = LowRankGaussian(2).initial_params(3, 4, dtype=torch.bfloat16, device=None)
+    with pytest.raises(TypeError, match=r"float32 or float64, got torch.bfloat16.*torch.autocast"):
+        LowRankGaussian(2).entropy(half)
     model = DecoderModel(mlp_decoder(2, 6), likelihood="bernoulli", latent_dim=2)
     with pytest.raises(ValueError, match="share their parameter names"):
         GradientEStep(model, latent_dim={"a": 1, "b": 1}, family={"a": "low_rank", "b": "diagonal_gaussian"})
