@@ -20,13 +20,14 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from pyro import poutine  # noqa: E402
-from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO  # noqa: E402
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoGuideList, AutoNormal  # noqa: E402
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value  # noqa: E402
 
 from learned_inference.integrations.pyro import (  # noqa: E402
     AutoIterativeNormal,
     IterativeTrace_ELBO,
+    IterativeTraceEnum_ELBO,
     IterativeTraceMeanField_ELBO,
     LocalLogJoint,
     find_amortized_plates,
@@ -360,3 +361,47 @@ def test_ambiguous_plates_error_asks_for_amortized_plates():
 def test_bad_options_are_refused(option, value):
     with pytest.raises(ValueError, match=option):
         AutoIterativeNormal(scalar_model, **{option: value})
+
+
+def _enumerated_model(x):
+    """Per document z; per word a discrete c summed out by enumeration; the words' plate at dim -2, left of the
+    documents' at -1 (the layout of Pyro's LDA example)."""
+    with pyro.plate("documents", x.shape[1]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("words", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(logits=z.expand(x.shape)), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(2.0 * c - 1.0, 1.0), obs=x)
+
+
+def test_local_log_joint_sums_out_enumerated_sites_and_inner_plates():
+    """log p(x_d, z_d) = log N(z_d; 0, 1) + Σ_w log Σ_c p(c | z_d) N(x_wd; 2c − 1, 1), per document."""
+    x = torch.randn(5, 4)
+    trace = poutine.block(poutine.trace(poutine.block(_enumerated_model, hide=["c"])).get_trace,
+                          hide_fn=lambda m: m["is_observed"])(x)
+    layout = local_layout(trace, find_amortized_plates(trace, None))
+    log_joint = LocalLogJoint(_enumerated_model, (x,), {}, layout=layout, left_shape=(4,),
+                              conditioned={"documents": torch.arange(4)}, enumerate_dim=-3)
+    u = torch.randn(4, 1)
+    z = u[:, 0]
+    p1 = torch.sigmoid(z)
+    likelihood = [dist.Normal(mean, 1.0).log_prob(x).exp() for mean in (1.0, -1.0)]
+    mixture = torch.log(p1 * likelihood[0] + (1 - p1) * likelihood[1])
+    expected = dist.Normal(0.0, 1.0).log_prob(z) + mixture.sum(0)
+    torch.testing.assert_close(log_joint.log_joint(None, u), expected)
+    features = log_joint.observations(u)
+    torch.testing.assert_close(features, x.T)  # each document's words, moved right of the documents' plate
+
+
+def test_the_guide_trains_with_enumeration_on_every_step():
+    """An enumerated model is refined with its discrete site summed out; IterativeTraceEnum_ELBO also trains the
+    update network on the inner steps (its gradient differs from TraceEnum_ELBO's, which trains only step T)."""
+    x = torch.randn(6, 8)
+    grads = {}
+    for elbo in (TraceEnum_ELBO, IterativeTraceEnum_ELBO):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoIterativeNormal(_enumerated_model, amortized_plates="documents", num_steps=3, hidden_size=8)
+        loss = elbo(max_plate_nesting=2).loss_and_grads(_enumerated_model, guide, x)
+        assert math.isfinite(loss)
+        grads[elbo] = torch.cat([p.grad.flatten() for p in guide.network.parameters()])
+    assert not torch.allclose(grads[TraceEnum_ELBO], grads[IterativeTraceEnum_ELBO])

@@ -27,7 +27,13 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "(or, from a clone, pip install -e '.[pyro]')"
     ) from error
 
-from .elbo import IterativeTrace_ELBO, IterativeTraceMeanField_ELBO, RefinementLossMixin, record_refinement_loss
+from .elbo import (
+    IterativeTrace_ELBO,
+    IterativeTraceEnum_ELBO,
+    IterativeTraceMeanField_ELBO,
+    RefinementLossMixin,
+    record_refinement_loss,
+)
 from .guide import AutoAmortizedNormal, AutoIterativeNormal
 from .layout import LocalLayout, find_amortized_plates, local_layout
 from .log_joint import LocalLogJoint
@@ -35,6 +41,7 @@ from .log_joint import LocalLogJoint
 __all__ = [
     "AutoAmortizedNormal",
     "AutoIterativeNormal",
+    "IterativeTraceEnum_ELBO",
     "IterativeTraceMeanField_ELBO",
     "IterativeTrace_ELBO",
     "LocalLayout",

@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message, effectful
 from pyro.poutine.trace_struct import Trace
@@ -48,6 +48,7 @@ from learned_inference.engine import gradient_only
 
 __all__ = [
     "REFINEMENT_LOSS",
+    "IterativeTraceEnum_ELBO",
     "IterativeTraceMeanField_ELBO",
     "IterativeTrace_ELBO",
     "RefinementLossMixin",
@@ -115,3 +116,32 @@ class IterativeTrace_ELBO(RefinementLossMixin, Trace_ELBO):  # noqa: N801 (Pyro'
 
 class IterativeTraceMeanField_ELBO(RefinementLossMixin, TraceMeanField_ELBO):  # noqa: N801 (Pyro's naming)
     """``TraceMeanField_ELBO`` that also trains :class:`AutoIterativeNormal`'s update network on steps 1..T−1."""
+
+
+class IterativeTraceEnum_ELBO(RefinementLossMixin, TraceEnum_ELBO):  # noqa: N801 (Pyro's naming)
+    """``TraceEnum_ELBO`` (the model's enumerated sites summed out) that also trains :class:`AutoIterativeNormal`'s
+    update network on steps 1..T−1: the surrogates R the guide reports, one per particle, are averaged and added as
+    R − stop_grad(R) to the differentiable loss (``TraceEnum_ELBO`` has no per-particle surrogate to add them to).
+
+    Takes the same arguments as :class:`pyro.infer.TraceEnum_ELBO` (``max_plate_nesting``, ``num_particles``, ...).
+    """
+
+    def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        if REFINEMENT_LOSS in guide_trace.nodes:
+            self._refinement_terms.append(cast(Tensor, guide_trace.nodes[REFINEMENT_LOSS]["value"]))
+        return model_trace, guide_trace
+
+    def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """The ELBO's differentiable loss, with the refinement surrogates' gradients attached (value unchanged)."""
+        self._refinement_terms: list[Tensor] = []
+        loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        if self._refinement_terms:
+            loss = loss + gradient_only(torch.stack(self._refinement_terms).sum() / self.num_particles)
+        return cast(Tensor, loss)
+
+    def loss_and_grads(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
+        """As ``TraceEnum_ELBO.loss_and_grads``: the loss's value, after its backward."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()

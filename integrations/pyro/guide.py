@@ -62,7 +62,15 @@ from learned_inference.updates import make_update
 from learned_inference.validation import check_int
 
 from .elbo import record_refinement_loss
-from .layout import LocalLayout, check_continuous, find_amortized_plates, left_shape, local_layout, site_plates
+from .layout import (
+    LocalLayout,
+    check_continuous,
+    enumerated,
+    find_amortized_plates,
+    left_shape,
+    local_layout,
+    site_plates,
+)
 from .log_joint import LocalLogJoint, TracedObjective
 
 __all__ = ["AutoAmortizedNormal", "AutoIterativeNormal"]
@@ -212,7 +220,9 @@ class AutoIterativeNormal(AutoGuide):
         with TrainModeRun():
             visible = poutine.block(self.model, prototype_hide_fn)
             check_continuous(poutine.block(poutine.trace(visible).get_trace)(*args, **kwargs))
-            model = poutine.block(InitMessenger(self.init_loc_fn)(self.model), prototype_hide_fn)
+            # sites the model enumerates are left unguided: TraceEnum_ELBO sums them out, and so does the refinement
+            unguided = poutine.block(self.model, hide_fn=enumerated)
+            model = poutine.block(InitMessenger(self.init_loc_fn)(unguided), prototype_hide_fn)
             self.prototype_trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         if self.master is not None:
             self.master()._check_prototype(self.prototype_trace)
@@ -235,6 +245,10 @@ class AutoIterativeNormal(AutoGuide):
             full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
         data_plates = set().union(*(site_plates(site) for site in full.nodes.values()
                                     if site["type"] == "sample" and site["is_observed"]))
+        # where the refinement may enumerate: left of every plate the model uses
+        self._enumerates = any(enumerated(site) for site in full.nodes.values())
+        self._plate_nesting = max((-frame.dim for site in full.nodes.values() if site["type"] == "sample"
+                                   for frame in site["cond_indep_stack"] if frame.dim is not None), default=0)
         plates = find_amortized_plates(self.prototype_trace, self.amortized_plates, data_plates)
         self.layout: LocalLayout = local_layout(self.prototype_trace, plates)
         global_names = [
@@ -415,8 +429,11 @@ class AutoIterativeNormal(AutoGuide):
         conditioned.update({name: _plate_indices(plate) for name, plate in plates.items()})
         # one context for all the model runs of this refinement (see learned_inference.train_mode)
         train_mode = TrainModeRun()
+        nesting = max(self._plate_nesting, len(left) - layout.plate_dim - 1)
         log_joint = LocalLogJoint(self.model, args, kwargs, layout=layout, left_shape=left, conditioned=conditioned,
-                                  subsample_scale=scale, train_mode=train_mode)
+                                  subsample_scale=scale, train_mode=train_mode,
+                                  outer_plates=frozenset(frame.name for frame in outer),
+                                  enumerate_dim=-(nesting + 1) if self._enumerates else None)
         batch, dim = math.prod(left), layout.total_dim
         params = {"loc": self.init_loc.expand(batch, dim), "log_var": self.init_log_var.expand(batch, dim)}
         x = log_joint.observations(params["loc"])

@@ -37,6 +37,7 @@ from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to
 from torch.distributions.constraints import Constraint
@@ -46,6 +47,7 @@ __all__ = [
     "LocalSite",
     "SiteDistribution",
     "check_continuous",
+    "enumerated",
     "find_amortized_plates",
     "left_shape",
     "local_layout",
@@ -86,9 +88,18 @@ def site_plates(site: Message) -> set[str]:
     return {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
 
 
+def enumerated(site: Message) -> bool:
+    """Whether the model enumerates this site in parallel (``infer={"enumerate": "parallel"}``): a discrete site that
+    ``TraceEnum_ELBO`` sums out of the model, and the guide leaves unguided (and sums out in its refinement)."""
+    return site["type"] == "sample" and not site["is_observed"] and (site["infer"] or {}).get("enumerate") == "parallel"
+
+
 def check_continuous(trace: Trace) -> None:
-    """Raises ``ValueError`` naming the first discrete latent site and how to guide it instead."""
+    """Raises ``ValueError`` naming the first discrete latent site (not enumerated by the model) and how to guide
+    it instead."""
     for name, site in trace.iter_stochastic_nodes():
+        if enumerated(site):
+            continue
         support = sample_site(site)[0].support
         if support.is_discrete:
             raise ValueError(
@@ -232,7 +243,7 @@ def local_layout(trace: Trace, plates: tuple[str, ...]) -> LocalLayout:
     sites = []
     for name, site in trace.iter_stochastic_nodes():
         inside = site_plates(site) & set(plates)
-        if not inside:
+        if not inside or site_is_subsample(site):  # a nested plate's subsample indices are no latent site
             continue
         if inside != set(plates):
             raise ValueError(

@@ -31,10 +31,10 @@ from pyro import poutine
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import torch
@@ -72,6 +72,13 @@ class LocalLogJoint:
         train_mode: the context every model run is made in (:class:`~learned_inference.train_mode.TrainModeRun`:
             batch norms in training mode use the batch's statistics without updating them, dropouts draw the same
             masks at every run of one refinement), or None to run the model as it is.
+        outer_plates: the plates around the guide (vectorized particles, outer sample plates); any other plate of
+            the model at a dim left of the amortized plate is *inside* a datapoint (LDA's words, allocated at dim
+            -2 left of the documents at -1): its dims are summed (log-densities) or moved right (observations)
+            per datapoint.
+        enumerate_dim: where the model's parallel-enumerated sites put their values (``first_available_dim``), or
+            None when it enumerates none; their log-densities and those of the sites that depend on them are
+            summed over the enumerated values (log-sum-exp), per datapoint.
     """
 
     def __init__(
@@ -85,24 +92,35 @@ class LocalLogJoint:
         conditioned: dict[str, Tensor],
         subsample_scale: float = 1.0,
         train_mode: TrainModeRun | None = None,
+        outer_plates: frozenset[str] = frozenset(),
+        enumerate_dim: int | None = None,
     ) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
         self.layout, self.left_shape, self.conditioned = layout, left_shape, conditioned
         self.subsample_scale = subsample_scale
         self.train_mode = train_mode
+        self.outer_plates, self.enumerate_dim = outer_plates, enumerate_dim
         #: the model's masks of the local latent sites in the last run (``poutine.mask`` in the model, e.g. padding)
         self.masks: dict[str, Any] = {}
 
-    def trace(self, u: Tensor, *, validate: bool = True) -> tuple[Trace, Tensor]:
+    def trace(self, u: Tensor, *, validate: bool = True, enumerating: bool = True) -> tuple[Trace, Tensor]:
         """Runs the model at unconstrained ``u`` ``[*lead, prod(left), D]``: (trace, log|det J| ``[*lead, *left]``);
-        without Pyro's argument validation when ``validate`` is False."""
+        without Pyro's argument validation when ``validate`` is False; enumerating the model's enumerated sites
+        (when it has them) unless ``enumerating`` is False."""
         u = u.reshape(*u.shape[:-2], *self.left_shape, u.shape[-1])
         values, log_det = self.layout.constrain(u)
+        enumerate_dim = self.enumerate_dim if enumerating else None
+        if enumerate_dim is not None and u.dim() > len(self.left_shape) + 1:
+            raise ValueError(
+                "a model with enumerated sites is refined with one sample per step (num_samples=1): the samples' "
+                "dimension would collide with the enumerated values' dimensions"
+            )
+        model = poutine.condition(self.model, data={**self.conditioned, **values})
+        if enumerate_dim is not None:
+            model = poutine.enum(model, first_available_dim=enumerate_dim)
         with poutine.block(), nullcontext() if self.train_mode is None else self.train_mode, \
                 nullcontext() if validate else pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(self.model, data={**self.conditioned, **values})).get_trace(
-                *self.args, **self.kwargs
-            )
+            trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         self.masks = {site.name: trace.nodes[site.name]["mask"] for site in self.layout.sites if site.name in trace}
         return trace, log_det
 
@@ -124,6 +142,8 @@ class LocalLogJoint:
         validation error would stop the whole batch. The ELBO's own run of the model keeps validation."""
         trace, total = self.trace(u, validate=False)
         latent = {site.name for site in self.layout.sites}
+        enumerated: Tensor | None = None  # the factors that carry the enumerated values, summed (broadcast)
+        inner: set[int] = set()
         for site in self._plate_sites(trace):
             fn, value = sample_site(site)
             log_prob = fn.log_prob(value, *site["args"], **site["kwargs"])
@@ -132,13 +152,38 @@ class LocalLogJoint:
             # then cancel), so this changes what the steps see, not the ELBO.
             mask = None if site["name"] in latent else site["mask"]
             log_prob = scale_and_mask(log_prob, site["scale"] / self.subsample_scale, mask)
-            total = total + self.layout.per_datapoint(log_prob)
+            dims = self._inner_dims(site)
+            if self._carries_enumeration(log_prob):
+                enumerated = log_prob if enumerated is None else enumerated + log_prob
+                inner |= set(dims)
+                continue
+            total = total + self.layout.per_datapoint(self._sum_dims(log_prob, dims))
+        if enumerated is not None:
+            # Σ over each datapoint's enumerated values of p(value) p(what depends on it), then its inner plates
+            marginal = torch.logsumexp(enumerated, dim=cast(int, self.enumerate_dim), keepdim=True)
+            total = total + self.layout.per_datapoint(self._sum_dims(marginal, sorted(inner)))
         return total.reshape(*u.shape[:-1])
+
+    def _inner_dims(self, site: Message) -> list[int]:
+        """The batch dims of the plates inside a datapoint that sit left of the amortized plate (see the class)."""
+        return [frame.dim for frame in site["cond_indep_stack"]
+                if frame.dim is not None and frame.dim < self.layout.plate_dim
+                and frame.name not in self.outer_plates and frame.name not in self.layout.plates]
+
+    def _carries_enumeration(self, log_prob: Tensor) -> bool:
+        dim = self.enumerate_dim
+        return dim is not None and log_prob.dim() >= -dim and log_prob.shape[dim] > 1
+
+    @staticmethod
+    def _sum_dims(tensor: Tensor, dims: Sequence[int]) -> Tensor:
+        """``tensor`` summed over the batch ``dims`` it has, keeping them (as size 1)."""
+        present = [d for d in dims if tensor.dim() >= -d]
+        return tensor.sum(present, keepdim=True) if present else tensor
 
     @torch.no_grad()
     def observations(self, u: Tensor) -> Tensor:
         """The observed values inside the amortized plate at ``u``, flattened per datapoint: ``[prod(left), F]``."""
-        trace, _ = self.trace(u)
+        trace, _ = self.trace(u, enumerating=False)  # the observed values only: enumerated sites are drawn
         conditioned = {*self.conditioned, *(site.name for site in self.layout.sites)}
         features = []
         for site in self._plate_sites(trace):
@@ -148,8 +193,11 @@ class LocalLogJoint:
             shape = fn.batch_shape + fn.event_shape
             if not math.prod(fn.event_shape):  # nothing observed, e.g. pyro.factor's empty value
                 continue
-            value = value.to(u.dtype)  # read in λ's dtype: a float64 model keeps its observations exact
-            features.append(self.layout.datapoint_features(value.expand(shape), event_dim=fn.event_dim))
+            value = value.to(u.dtype).expand(shape)  # read in λ's dtype: a float64 model keeps them exact
+            dims = [d - fn.event_dim for d in self._inner_dims(site) if value.dim() - fn.event_dim >= -d]
+            if dims:  # the datapoint's inner plates, moved right of the amortized plate: [..., b, inner, event]
+                value = value.movedim(dims, list(range(-fn.event_dim - len(dims), -fn.event_dim)))
+            features.append(self.layout.datapoint_features(value, event_dim=fn.event_dim + len(dims)))
         if not features:
             return u.new_zeros(math.prod(self.left_shape), 0)
         width = [f.shape[-1] for f in features]
