@@ -13,8 +13,7 @@ Sites outside the plate do not enter: the model must not couple datapoints throu
 
 Example:
     >>> import torch, pyro, pyro.distributions as dist
-    >>> import pyro
-from pyro import poutine
+    >>> from pyro import poutine
     >>> def model(x):
     ...     with pyro.plate("data", len(x)):
     ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
