@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import inference_comparison
 
+from learned_inference.adapters import DecoderModel
 from learned_inference.baselines import GradientEStep
 from learned_inference.inference import InferenceMethod
-from learned_inference.model import DecoderModel
 from learned_inference.objectives import elbo, prior_moments
 from learned_inference.zoo import highway_decoder
 
@@ -65,7 +65,7 @@ def elbo_surface(model: DecoderModel, x: Tensor, log_var: Tensor, centre: Tensor
                  span: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """ELBO of N(μ, diag(exp(log_var))) over a ``grid`` × ``grid`` square of μ of half-width ``span``."""
     from learned_inference.families import DiagonalGaussian
-    from learned_inference.model import LatentSpace
+    from learned_inference.latent_space import LatentSpace
 
     u = torch.linspace(-span, span, grid)
     gx, gy = torch.meshgrid(centre[0] + u, centre[1] + u, indexing="xy")

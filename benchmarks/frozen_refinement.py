@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from learned_inference import GradientEStep, IterateAveraging, IterativeInferenceOptimizer, StandardEncoder
+from learned_inference.adapters import DecoderModel
 from learned_inference.data import binarize, load_binarized_mnist, load_fashion_mnist
-from learned_inference.model import DecoderModel
 from learned_inference.zoo import bernoulli_vae
 
 STEPS = (0, 1, 2, 5, 10, 20, 50, 200)

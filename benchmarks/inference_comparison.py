@@ -89,7 +89,7 @@ REDUCTIONS = ("Decoder and iterative model trained on {num_train} training image
 
 def trained_iterative_mnist(args: argparse.Namespace, settings: dict[str, Any], train: Tensor) -> tuple[Any, Any, dict]:
     """The decoder and iterative model (T = ``train_steps``) trained on ``train`` (shared with ``figures``)."""
-    from learned_inference.model import DecoderModel
+    from learned_inference.adapters import DecoderModel
     from learned_inference.zoo import highway_decoder
 
     torch.manual_seed(args.seed)

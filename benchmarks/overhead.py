@@ -49,8 +49,9 @@ import common
 from memory import measure
 
 from learned_inference import GradientEStep, IterativeInferenceOptimizer, StandardEncoder
+from learned_inference.adapters import DecoderModel
 from learned_inference.families import DiagonalGaussian
-from learned_inference.model import DecoderModel, LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import elbo, elbo_and_grad, prior_moments
 from learned_inference.zoo import bernoulli_vae, highway_decoder
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from learned_inference.model import DecoderModel
+from learned_inference.adapters import DecoderModel
 from learned_inference.zoo import bernoulli_vae, highway_decoder
 
 NAME = "training_comparison"

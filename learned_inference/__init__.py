@@ -9,6 +9,7 @@ Example:
     torch.Size([3, 3])
 """
 
+from learned_inference.adapters import DecoderModel, VAEModel
 from learned_inference.ais import AISResult, annealed_importance_sampling
 from learned_inference.baselines import (
     GradientEStep,
@@ -37,6 +38,7 @@ from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.gaps import GapReport, gap_report
 from learned_inference.hierarchical import HierarchicalModel
 from learned_inference.inference import InferenceMethod, InferenceResult
+from learned_inference.latent_space import LatentSpace
 from learned_inference.likelihoods import (
     BernoulliLikelihood,
     BernoulliProbsLikelihood,
@@ -48,7 +50,7 @@ from learned_inference.likelihoods import (
 )
 from learned_inference.low_rank import LowRankGaussian
 from learned_inference.mixture import GaussianMixture
-from learned_inference.model import DecoderModel, LatentModel, LatentSpace, VAEModel
+from learned_inference.model import LatentModel
 from learned_inference.networks import (
     HighwayEncoder,
     HighwayMLP,

@@ -37,13 +37,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from learned_inference.adapters import encoder_output
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
 from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
-from learned_inference.model import LatentModel, WithEncoder, encoder_output
+from learned_inference.model import LatentModel, WithEncoder
 from learned_inference.networks import HighwayEncoder
 from learned_inference.transforms import (
     GradientTransform,
@@ -145,7 +146,7 @@ class _GradientRefinement(InferenceMethod):
         """λ_0: the prior, or the encoder's output with its graph. For a family with further parameters (a
         mixture's logits, a low-rank factor) ``init="highway"``'s encoder, or a callable, returns all of λ, a dict
         like ``result.params``; otherwise the encoder's (loc, log_var) (checked by
-        :func:`~learned_inference.model.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them) starts
+        :func:`~learned_inference.adapters.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them) starts
         the family (:meth:`~learned_inference.families.Family.from_diagonal`: for a low-rank Gaussian, that diagonal
         Gaussian exactly; a mixture cannot start so)."""
         space = self.space

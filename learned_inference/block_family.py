@@ -1,7 +1,7 @@
 """One posterior family per latent variable, over the flat λ that inference works on.
 
 With several latent variables λ is one ``[B, D_total]`` tensor per parameter, the variables concatenated in the
-order of the :class:`~learned_inference.model.LatentSpace`, each variable's block as wide as its family says
+order of the :class:`~learned_inference.latent_space.LatentSpace`, each variable's block as wide as its family says
 (:meth:`~learned_inference.families.Family.param_sizes`: D_v, or D_v·r for a low-rank factor).
 :class:`BlockFamily` applies each variable's own family to its block of columns: samples and constrained
 parameters are concatenated, entropies and KLs summed
@@ -18,7 +18,7 @@ dict.
 Example:
     >>> import torch
     >>> from learned_inference.families import DiagonalGaussian
-    >>> from learned_inference.model import LatentSpace
+    >>> from learned_inference.latent_space import LatentSpace
     >>> family = BlockFamily({"z1": DiagonalGaussian(), "z2": DiagonalGaussian(log_var_bounds=(-4.0, 2.0))},
     ...                      space=LatentSpace({"z1": 3, "z2": 2}))
     >>> params = family.initial_params(4, 5, dtype=torch.float32, device=None)
@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from learned_inference.families import Family, Params, make_family
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 
 __all__ = ["BlockDistribution", "BlockFamily"]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from learned_inference.adapters import DecoderModel
 from learned_inference.checkpoint import load_checkpoint, save_checkpoint
 from learned_inference.data import (
     Splits,
@@ -34,7 +35,6 @@ from learned_inference.data import (
     load_mnist,
 )
 from learned_inference.demo import run_demo
-from learned_inference.model import DecoderModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
 from learned_inference.training import fit
 from learned_inference.zoo import highway_decoder

@@ -10,7 +10,8 @@ one latent variable (for one update network per variable); views share those cac
 Example:
     >>> import torch
     >>> from learned_inference.families import DiagonalGaussian
-    >>> from learned_inference.model import DecoderModel, LatentSpace
+    >>> from learned_inference.adapters import DecoderModel
+    >>> from learned_inference.latent_space import LatentSpace
     >>> from learned_inference.objectives import Objective
     >>> model = DecoderModel(torch.nn.Linear(3, 5), likelihood="bernoulli", latent_dim=3)
     >>> objective = Objective(model, DiagonalGaussian(), LatentSpace(3))

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from learned_inference.adapters import DecoderModel
 from learned_inference.baselines import GradientEStep, StandardEncoder
 from learned_inference.data import Splits
 from learned_inference.evaluation import elbo_estimate, importance_weighted_log_marginal
 from learned_inference.inference import InferenceMethod
-from learned_inference.model import DecoderModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
 from learned_inference.training import fit
 from learned_inference.zoo import bernoulli_vae, highway_decoder

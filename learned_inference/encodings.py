@@ -25,7 +25,8 @@ from torch import Tensor
 
 from learned_inference.context import StepContext
 from learned_inference.hierarchical import OBSERVED, check_hierarchical_model
-from learned_inference.model import LatentModel, LatentSpace
+from learned_inference.latent_space import LatentSpace
+from learned_inference.model import LatentModel
 
 __all__ = [
     "DEFAULT_ENCODING",

@@ -19,7 +19,8 @@ given step, which removes the noise a constant-size stochastic step keeps around
 Example:
     >>> import torch
     >>> from learned_inference.families import DiagonalGaussian
-    >>> from learned_inference.model import DecoderModel, LatentSpace
+    >>> from learned_inference.adapters import DecoderModel
+    >>> from learned_inference.latent_space import LatentSpace
     >>> from learned_inference.objectives import Objective
     >>> model = DecoderModel(torch.nn.Linear(2, 6), likelihood="bernoulli", latent_dim=2)
     >>> objective = Objective(model, DiagonalGaussian(), LatentSpace(2))

@@ -27,7 +27,7 @@ from typing import Any
 from torch import Tensor
 
 from learned_inference.hierarchical import OBSERVED, HierarchicalModel
-from learned_inference.model import Latents
+from learned_inference.latent_space import Latents
 
 __all__ = ["observation_errors", "precision_weighted_errors"]
 

@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 
 __all__ = ["OBSERVED", "HierarchicalModel", "check_hierarchical_model"]
 

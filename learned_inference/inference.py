@@ -44,7 +44,8 @@ from learned_inference.engine import (
     refine,
 )
 from learned_inference.families import Family, Params, detach, make_family
-from learned_inference.model import LatentModel, LatentSpace, check_log_joint, check_model, check_support
+from learned_inference.latent_space import LatentSpace
+from learned_inference.model import LatentModel, check_log_joint, check_model, check_support
 from learned_inference.objectives import Objective, prior_moments, sample_noise
 from learned_inference.train_mode import ModelModes, TrainModeRun
 from learned_inference.validation import check_data, check_int, check_placement, check_tensor

@@ -15,7 +15,8 @@ gradients ∇_λ L(λ_b; x_b), with no ``vmap`` and no dependence on the batch s
 Example:
     >>> import torch
     >>> from learned_inference.families import DiagonalGaussian
-    >>> from learned_inference.model import DecoderModel, LatentSpace
+    >>> from learned_inference.adapters import DecoderModel
+    >>> from learned_inference.latent_space import LatentSpace
     >>> model = DecoderModel(torch.nn.Linear(2, 5), likelihood="bernoulli", latent_dim=2)
     >>> family, space = DiagonalGaussian(), LatentSpace(2)
     >>> params = family.initial_params(3, 2, dtype=torch.float32, device=None)
@@ -35,7 +36,8 @@ from torch import Tensor
 from torch.func import vjp
 
 from learned_inference.families import Family, Params, normal_prior_moments
-from learned_inference.model import LatentModel, LatentSpace, WithLogLikelihood, WithPrior
+from learned_inference.latent_space import LatentSpace
+from learned_inference.model import LatentModel, WithLogLikelihood, WithPrior
 from learned_inference.train_mode import TrainModeRun
 
 __all__ = ["Objective", "PriorMoments", "UnscoredObjective", "elbo", "elbo_and_grad", "prior_moments", "sample_noise"]

@@ -22,14 +22,16 @@ from typing import Any, cast
 
 from torch import Tensor
 
+from learned_inference.adapters import encoder_output
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
 from learned_inference.engine import IterateAveraging, Training, mean_over_steps
 from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
+from learned_inference.latent_space import LatentSpace
 from learned_inference.learned_step import learned_step
-from learned_inference.model import LatentModel, LatentSpace, WithEncoder, encoder_output
+from learned_inference.model import LatentModel, WithEncoder
 from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_network
 from learned_inference.train_mode import TrainModeRun
 from learned_inference.updates import PerVariableUpdate, Update, make_update

@@ -58,8 +58,9 @@ from learned_inference.engine import Training, TrainingLoss, final_step, refine
 from learned_inference.families import DiagonalGaussian, Params
 from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
+from learned_inference.latent_space import LatentSpace
 from learned_inference.mixture import GaussianMixture, component_view
-from learned_inference.model import LatentModel, LatentSpace
+from learned_inference.model import LatentModel
 from learned_inference.networks import HighwayEncoder
 from learned_inference.objectives import Objective, PriorMoments, elbo, prior_moments, sample_noise
 from learned_inference.validation import check_int

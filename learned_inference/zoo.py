@@ -10,7 +10,7 @@
 * :class:`TwoLevelVAE` + :class:`BottomUpEncoder` — the paper's hierarchical binarized-MNIST model (latents 64
   and 32) and its standard, bottom-up-only encoder (App. C.5.1).
 
-Each VAE is a :class:`~learned_inference.model.DecoderModel` with an encoder, so it has ``log_joint`` and
+Each VAE is a :class:`~learned_inference.adapters.DecoderModel` with an encoder, so it has ``log_joint`` and
 ``encode`` and works with every inference method.
 
 :class:`ProbabilisticPCA` is the linear-Gaussian model x = W z + b + σ n, z ~ N(0, I), n ~ N(0, I). With
@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
+from learned_inference.adapters import DecoderModel, gaussian_standard_log_prob
 from learned_inference.likelihoods import gaussian_log_prob, make_likelihood
-from learned_inference.model import DecoderModel, gaussian_standard_log_prob
 from learned_inference.networks import HighwayEncoder, HighwayLayer, HighwayMLP
 from learned_inference.validation import check_int
 

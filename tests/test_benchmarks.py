@@ -113,7 +113,7 @@ def test_training_resumes_from_checkpoint(tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     import common
 
-    from learned_inference.model import DecoderModel
+    from learned_inference.adapters import DecoderModel
 
     def build() -> tuple[DecoderModel, object]:
         torch.manual_seed(0)

@@ -19,7 +19,7 @@ from learned_inference import (
 )
 from learned_inference.engine import IterateAveraging, RecordIterates, Training, TrainingLoss, refine
 from learned_inference.families import DiagonalGaussian
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import Objective
 from learned_inference.zoo import LinearGaussianHierarchy, ProbabilisticPCA
 from tests.conftest import mlp_decoder

@@ -13,7 +13,7 @@ from learned_inference.context import StepContext
 from learned_inference.encodings import FeatureShapes, HierarchicalErrors
 from learned_inference.errors import precision_weighted_errors
 from learned_inference.families import DiagonalGaussian
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.networks import HighwayMLP
 from learned_inference.objectives import Objective, elbo_and_grad
 from learned_inference.updates import GatedUpdate

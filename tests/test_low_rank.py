@@ -30,7 +30,7 @@ from learned_inference import (
 from learned_inference.checkpoint import load_checkpoint, save_checkpoint
 from learned_inference.evaluation import amortization_gap, importance_weighted_log_marginal
 from learned_inference.families import make_family
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import elbo_and_grad
 from learned_inference.zoo import LinearGaussianHierarchy, ProbabilisticPCA
 from tests.conftest import mlp_decoder

@@ -16,8 +16,8 @@ from learned_inference import (
     StandardEncoder,
 )
 from learned_inference.evaluation import elbo_estimate, importance_weighted_log_marginal
+from learned_inference.latent_space import LatentSpace
 from learned_inference.mixture import GaussianMixture
-from learned_inference.model import LatentSpace
 from learned_inference.objectives import Objective
 from learned_inference.zoo import MixturePriorModel
 from tests.conftest import mlp_decoder

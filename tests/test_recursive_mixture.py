@@ -11,8 +11,8 @@ from torch.distributions import MixtureSameFamily
 from learned_inference import DecoderModel, IterativeInferenceOptimizer, StandardEncoder
 from learned_inference.evaluation import elbo_estimate
 from learned_inference.families import DiagonalGaussian
+from learned_inference.latent_space import LatentSpace
 from learned_inference.mixture import GaussianMixture
-from learned_inference.model import LatentSpace
 from learned_inference.objectives import elbo
 from learned_inference.recursive_mixture import RecursiveMixtureEncoder, component_objectives, recursive_log_weights
 from learned_inference.zoo import MixturePriorModel

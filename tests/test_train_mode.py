@@ -26,7 +26,7 @@ from learned_inference.integrations.pyro import (
     IterativeTrace_ELBO,
     IterativeTraceMeanField_ELBO,
 )
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import Objective
 from learned_inference.train_mode import TrainModeRun
 

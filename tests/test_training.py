@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from learned_inference.adapters import DecoderModel
 from learned_inference.baselines import StandardEncoder
 from learned_inference.data import iterate_batches
-from learned_inference.model import DecoderModel
 from learned_inference.optimizer import IterativeInferenceOptimizer
 from learned_inference.training import FitHistory, fit
 

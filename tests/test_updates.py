@@ -9,7 +9,7 @@ from learned_inference import IterativeInferenceOptimizer
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.families import DiagonalGaussian
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import Objective, sample_noise
 from learned_inference.updates import NaturalGradientUpdate, StagedUpdate
 from learned_inference.zoo import ProbabilisticPCA

@@ -53,8 +53,8 @@ from learned_inference.encodings import (
 )
 from learned_inference.engine import Training, refine
 from learned_inference.families import DiagonalGaussian, Params
+from learned_inference.latent_space import LatentSpace
 from learned_inference.learned_step import learned_step
-from learned_inference.model import LatentSpace
 from learned_inference.networks import UpdateNetwork, make_network
 from learned_inference.objectives import Objective, UnscoredObjective, sample_noise
 from learned_inference.train_mode import TrainModeRun, batch_norm_error

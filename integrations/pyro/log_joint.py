@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from learned_inference.families import Family, Params
-from learned_inference.model import LatentSpace
+from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import Objective, PriorMoments
 from learned_inference.train_mode import TrainModeRun
 
