@@ -37,15 +37,11 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from learned_inference.adapters import encoder_output
-from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.engine import Training, final_step
 from learned_inference.families import Family, Params
-from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
-from learned_inference.model import LatentModel, WithEncoder
-from learned_inference.networks import HighwayEncoder
+from learned_inference.model import LatentModel
 from learned_inference.transforms import (
     GradientTransform,
     adam,
@@ -100,32 +96,7 @@ class _GradientRefinement(InferenceMethod):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
-        self.start = init if isinstance(init, str) else "callable"
-        self.encoder: Encoder | None = None
-        if init == "prior" and allow_prior:
-            return
-        if init == "encoder":
-            if not callable(getattr(model, "encode", None)):
-                raise ValueError(
-                    f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has "
-                    "none (use init='highway' to build an encoder)"
-                )
-            self._check_pair_encoder(init, fix="use init='highway' (an encoder for all of λ) or a callable returning "
-                                     "λ as a dict")
-            self.encoder = cast(WithEncoder, model).encode
-        elif init == "highway" and not self._encoder_gives_all_params():
-            total = self.space.total_dim
-            self.encoder = HighwayEncoder(total, hidden_size=hidden_size, num_layers=num_layers)
-        elif init == "highway":
-            self.encoder = FamilyEncoder(self.family.param_sizes(self.space.total_dim), hidden_size=hidden_size,
-                                         num_layers=num_layers)
-        elif callable(init) and not isinstance(init, str):
-            self.encoder = init
-        else:
-            options = "'prior', " if allow_prior else ""
-            raise ValueError(
-                f"init must be {options}'encoder', 'highway', or a callable x -> (loc, log_var), got {init!r}"
-            )
+        self._use_initial(init, allow_prior=allow_prior, hidden_size=hidden_size, num_layers=num_layers)
 
     def forward(
         self, x: Tensor, *, init_params: dict[str, Any] | None = None, noise: Tensor | None = None
@@ -141,30 +112,6 @@ class _GradientRefinement(InferenceMethod):
             noise: the reparameterization noise, as in :meth:`infer`.
         """
         return super().forward(x, init_params=init_params, noise=noise)
-
-    def init(self, x: Tensor) -> Params:
-        """λ_0: the prior, or the encoder's output with its graph. For a family with further parameters (a
-        mixture's logits, a low-rank factor) ``init="highway"``'s encoder, or a callable, returns all of λ, a dict
-        like ``result.params``; otherwise the encoder's (loc, log_var) (checked by
-        :func:`~learned_inference.adapters.encoder_output`: a pair of ``[B, D]`` tensors, or of dicts of them) starts
-        the family (:meth:`~learned_inference.families.Family.from_diagonal`: for a low-rank Gaussian, that diagonal
-        Gaussian exactly; a mixture cannot start so)."""
-        space = self.space
-        if self.encoder is None:
-            return self.family.initial_params(x.shape[0], space.total_dim, dtype=x.dtype, device=x.device)
-        out: Any = self.encoder(x)
-        if isinstance(self.encoder, FamilyEncoder) and isinstance(self.family, BlockFamily):
-            out = self.family.blocks(out)  # its flat λ in the public form, per variable
-        keys = self.family.param_names if space.names is None else space.names
-        if self._encoder_gives_all_params() and isinstance(out, Mapping) and set(out) == set(keys):
-            return self.family.constrain(self._flatten(dict(out), x))
-        source = {"encoder": "model.encode(x)", "highway": "the highway encoder"}.get(self.start, "the init= encoder")
-        loc, log_var = encoder_output(out, batch=x.shape[0], space=space, source=source, fix="init=")
-        params = self._start_from_pair(space.merge(loc), space.merge(log_var))
-        if params is None:
-            raise TypeError(f"family={self.family!r} needs an encoder returning all of λ, a dict with entries "
-                            f"{list(keys)}; got {type(out).__name__} (init='highway' builds one)")
-        return params
 
     def transform(self) -> GradientTransform:
         """The step's gradient transform (the subclass's ascent, after per-example clipping when set)."""
@@ -191,7 +138,7 @@ class _GradientRefinement(InferenceMethod):
     def extra_repr(self) -> str:
         return (
             f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, "
-            f"num_samples={self.num_samples}, init={self.start!r}, max_grad_norm={self.max_grad_norm}"
+            f"num_samples={self.num_samples}, init={self.initial.label!r}, max_grad_norm={self.max_grad_norm}"
         )
 
 

@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +44,7 @@ from learned_inference.engine import (
     refine,
 )
 from learned_inference.families import Family, Params, detach, make_family
+from learned_inference.initial import InitialEstimate, make_initial
 from learned_inference.latent_space import LatentSpace
 from learned_inference.model import LatentModel, check_log_joint, check_model, check_support
 from learned_inference.objectives import Objective, prior_moments, sample_noise
@@ -138,6 +139,7 @@ class InferenceMethod(nn.Module):
             raise TypeError(f"averaging must be an IterateAveraging or None, got {type(averaging).__name__}")
         self.averaging = averaging
         self._modes: ModelModes | None = None
+        self.initial = InitialEstimate()
 
     def _make_family(self, family: str | Family | Mapping[str, str | Family]) -> Family:
         """One representation of several latent variables: a :class:`BlockFamily` (one family per variable)."""
@@ -156,8 +158,17 @@ class InferenceMethod(nn.Module):
     # -- the method: λ_0, one step, and how it learns ------------------------------------------------------------
 
     def init(self, x: Tensor) -> Params:
-        """λ_0 for the batch ``x`` (flat: a dict of ``[B, D_total]`` tensors), with its graph to any encoder."""
-        raise NotImplementedError
+        """λ_0 for the batch ``x`` (flat: a dict of ``[B, D_total]`` tensors), with its graph to any encoder: the
+        method's λ₀ strategy (:class:`~learned_inference.initial.InitialEstimate`, set by ``init=``)."""
+        return self.initial(x, family=self.family, space=self.space, flatten=self._flatten)
+
+    def _use_initial(self, init: str | Callable[[Tensor], Any], *, allow_prior: bool, hidden_size: int,
+                     num_layers: int) -> None:
+        """Sets the λ₀ strategy named by ``init`` (:func:`~learned_inference.initial.make_initial`); an encoder it
+        builds, or one passed as a module, is registered as ``self.encoder`` (it trains and saves with the method)."""
+        self.initial, module = make_initial(init, model=self.model, family=self.family, space=self.space,
+                                            allow_prior=allow_prior, hidden_size=hidden_size, num_layers=num_layers)
+        self.encoder = module if module is not None else self.initial.encoder
 
     def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
         """λ_{t+1} (before the family's constraints) and the carried state (None at t = 0)."""
@@ -280,24 +291,6 @@ class InferenceMethod(nn.Module):
         if self._modes is None:
             self._modes = check_log_joint(self.model, x, self.space, num_samples=self.num_samples)
         return self._modes.run(train=train)
-
-    def _encoder_gives_all_params(self) -> bool:
-        """Whether λ has parameters beyond (loc, log_var) (a mixture's logits, a low-rank factor): then an encoder
-        built for it returns all of λ as a dict."""
-        return not set(self.family.param_names) <= {"loc", "log_var"}
-
-    def _start_from_pair(self, loc: Tensor, log_var: Tensor) -> Params | None:
-        """λ_0 from a ``(loc, log_var)`` encoder's flat output, completed and constrained by the family
-        (:meth:`~learned_inference.families.Family.from_diagonal`), or None where the family cannot start so."""
-        params = self.family.from_diagonal(loc, log_var)
-        return None if params is None else self.family.constrain(params)
-
-    def _check_pair_encoder(self, init: str, *, fix: str) -> None:
-        """Raises, naming ``fix``, when ``init`` (a ``(loc, log_var)`` encoder) cannot start this family's λ."""
-        zeros = torch.zeros(1, self.space.total_dim)
-        if self._start_from_pair(zeros, zeros) is None:
-            raise ValueError(f"init={init!r} starts from model.encode(x)'s (loc, log_var), but family={self.family!r} "
-                             f"has parameters {list(self.family.param_names)}: {fix}")
 
     def _flatten(self, params: dict[str, Any], x: Tensor) -> Params:
         """The public form of λ (per variable for several latents) → the flat internal form, validated: every

@@ -17,12 +17,11 @@ network λ is detached between steps, so training memory does not grow with ``nu
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from torch import Tensor
 
-from learned_inference.adapters import encoder_output
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.encodings import DEFAULT_ENCODING, Encoding, FeatureShapes, make_encoding
@@ -31,7 +30,7 @@ from learned_inference.families import Family, Params
 from learned_inference.inference import InferenceMethod, InferenceResult
 from learned_inference.latent_space import LatentSpace
 from learned_inference.learned_step import learned_step
-from learned_inference.model import LatentModel, WithEncoder
+from learned_inference.model import LatentModel
 from learned_inference.networks import PerVariableNetwork, UpdateNetwork, make_network
 from learned_inference.train_mode import TrainModeRun
 from learned_inference.updates import PerVariableUpdate, Update, make_update
@@ -127,8 +126,9 @@ class IterativeInferenceOptimizer(InferenceMethod):
         num_samples: reparameterized samples S per ELBO evaluation (default 2, an antithetic pair).
         antithetic: draw them in antithetic pairs (ε, −ε): the λ-gradient's noise term linear in ε cancels, which
             lets the learned steps be large without chasing noise. Default (None): pairs when S is even.
-        init: ``"prior"`` (λ_0 = the prior, default) or ``"encoder"`` (λ_0 = ``model.encode(x)``'s diagonal
-            Gaussian, in the family's parameters: :meth:`~learned_inference.families.Family.from_diagonal`).
+        init: λ_0 (:mod:`learned_inference.initial`): ``"prior"`` (default), ``"encoder"`` (``model.encode(x)``'s
+            diagonal Gaussian, in the family's parameters: :meth:`~learned_inference.families.Family.from_diagonal`),
+            ``"highway"`` (a built encoder, trained with the update network), or a callable x → (loc, log_var).
         analytic_kl: use the analytic KL when the model gives ``log_likelihood`` and a Gaussian ``prior()``.
         backprop_through_steps: keep the graph across steps (backpropagation through time). Default: False for
             feed-forward networks (constant memory), True for recurrent ones.
@@ -169,7 +169,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         num_layers: int | None = None,
         num_samples: int = 2,
         antithetic: bool | None = None,
-        init: str = "prior",
+        init: str | Callable[[Tensor], Any] = "prior",
         analytic_kl: bool = True,
         backprop_through_steps: bool | None = None,
         second_order: bool = False,
@@ -180,14 +180,7 @@ class IterativeInferenceOptimizer(InferenceMethod):
         super().__init__(model, latent_dim=latent_dim, num_steps=num_steps, family=family, num_samples=num_samples,
                          analytic_kl=analytic_kl, antithetic=num_samples % 2 == 0 if antithetic is None else antithetic,
                          on_nonfinite=on_nonfinite, averaging=averaging)
-        if init not in ("prior", "encoder"):
-            raise ValueError(f"init must be 'prior' or 'encoder', got {init!r}")
-        if init == "encoder" and not callable(getattr(model, "encode", None)):
-            raise ValueError(f"init='encoder' needs model.encode(x) -> (loc, log_var); {type(model).__name__} has none")
-        if init == "encoder":
-            self._check_pair_encoder(init, fix="start from the prior (init='prior'), or pass init_params= (e.g. "
-                                     "another method's result.params, such as a RecursiveMixtureEncoder's)")
-        self.start = init
+        self._use_initial(init, allow_prior=True, hidden_size=hidden_size or 512, num_layers=num_layers or 2)
         self.encoding = make_encoding(encoding)
         self.encoding.check(model, self.space)
         self.network = _build_network(network, self.space, hidden_size=hidden_size, num_layers=num_layers)
@@ -206,16 +199,6 @@ class IterativeInferenceOptimizer(InferenceMethod):
             shapes = FeatureShapes.of(data=data, param_names=_part_sizes(self.family, self.space, variable),
                                       space=self.space, variable=variable)
             part.materialize(self.encoding.num_features(shapes))
-
-    def init(self, x: Tensor) -> Params:
-        """λ_0: the prior, or the model's encoder (its graph kept, so the encoder learns from −L_0)."""
-        if self.start == "prior":
-            return self.family.initial_params(x.shape[0], self.space.total_dim, dtype=x.dtype, device=x.device)
-        loc, log_var = encoder_output(cast(WithEncoder, self.model).encode(x), batch=x.shape[0], space=self.space,
-                                      source="model.encode(x)", fix="VAEModel(vae, ..., encode=...)")
-        params = self._start_from_pair(self.space.merge(loc), self.space.merge(log_var))
-        assert params is not None  # the family starts from a pair (checked at construction)
-        return params
 
     def step(self, context: StepContext, state: Any) -> tuple[Params, Any]:
         """The learned step (:func:`learned_step`); the engine then constrains it to the family's range."""
@@ -251,6 +234,6 @@ class IterativeInferenceOptimizer(InferenceMethod):
 
     def extra_repr(self) -> str:
         return (f"latent={self.space}, num_steps={self.num_steps}, family={self.family}, encoding={self.encoding}, "
-                f"num_samples={self.num_samples}, init={self.start!r}, "
+                f"num_samples={self.num_samples}, init={self.initial.label!r}, "
                 f"backprop_through_steps={self.backprop_through_steps}, averaging={self.averaging}")
 

@@ -398,3 +398,19 @@ def test_default_averaging_starts_after_the_trained_steps():
     assert inference.estimates(long.trajectory)[-1] is long.trajectory[-1]
     with pytest.raises(TypeError, match="averaging must be an IterateAveraging or None"):
         IterativeInferenceOptimizer(inference.model, latent_dim=D, averaging="polyak")  # type: ignore[arg-type]
+
+
+def test_the_learned_optimizer_takes_every_initial_estimate():
+    """λ₀ is one strategy for every method (learned_inference.initial): the optimizer starts from a built highway
+    encoder (which then trains with it) or a callable, as the baselines do."""
+    model = DecoderModel(torch.nn.Linear(3, 8), likelihood="bernoulli", latent_dim=3)
+    x = torch.bernoulli(torch.full((5, 8), 0.5))
+    built = IterativeInferenceOptimizer(model, latent_dim=3, hidden_size=8, init="highway")
+    built(x).loss.backward()
+    assert built.encoder is not None and any(p.grad is not None for p in built.encoder.parameters())
+    assert any(name.startswith("encoder.") for name in built.state_dict())
+    fixed = IterativeInferenceOptimizer(model, latent_dim=3, hidden_size=8,
+                                        init=lambda x: (torch.ones(len(x), 3), torch.zeros(len(x), 3)))
+    assert torch.equal(fixed.init(x)["loc"], torch.ones(5, 3))
+    with pytest.raises(ValueError, match="init must be 'prior', 'encoder', 'highway', or a callable"):
+        IterativeInferenceOptimizer(model, latent_dim=3, init="zeros")
