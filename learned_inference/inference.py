@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -247,13 +247,16 @@ class InferenceMethod(nn.Module):
 
     def _refine(
         self, x: Tensor, num_steps: int, *, train: bool, init_params: dict[str, Any] | None, noise: Tensor | None,
-        record_params: bool = False, stopping: Stopping | None = None,
+        record_params: bool = False, stopping: Stopping | None = None, start: Callable[[Tensor], Params] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> InferenceResult:
+        """The one refinement path of every method: checks, λ_0 (``init_params``, else ``start(x)``, else
+        :meth:`init`), the test-time observers asked for and the method's own ``observers``, then the engine."""
         run = self._check_inputs(x, num_steps, noise, train=train)
         prior = prior_moments(self.model, self.space) if self.analytic_kl else None
         objective = Objective(self.model, self.family, self.space, prior, run)
-        lam_0 = self.init(x) if init_params is None else self._flatten(init_params, x)
-        observers: list[Observer] = []
+        lam_0 = self._flatten(init_params, x) if init_params is not None else (start or self.init)(x)
+        observers = list(observers)
         if not train and self.averaging is not None:
             observers.append(self.averaging.starting_at(self.num_steps).watch())
         if stopping is not None:

@@ -47,14 +47,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from learned_inference.context import StepContext
-from learned_inference.engine import Training, TrainingLoss, final_step, refine
+from learned_inference.engine import Observer, StepRecord, Training, TrainingLoss, final_step
 from learned_inference.families import DiagonalGaussian, Params
 from learned_inference.family_encoder import FamilyEncoder
 from learned_inference.inference import InferenceMethod, InferenceResult
@@ -62,7 +61,7 @@ from learned_inference.latent_space import LatentSpace
 from learned_inference.mixture import GaussianMixture, component_view
 from learned_inference.model import LatentModel
 from learned_inference.networks import HighwayEncoder
-from learned_inference.objectives import Objective, PriorMoments, elbo, prior_moments, sample_noise
+from learned_inference.objectives import PriorMoments, elbo, prior_moments, sample_noise
 from learned_inference.validation import check_int
 
 __all__ = ["RecursiveMixtureEncoder", "component_objectives", "recursive_log_weights"]
@@ -137,6 +136,35 @@ def component_objectives(
         kl = (own[:, k] - GaussianMixture(k).log_prob(partial, z[:, k])).mean(0)
         terms.append(elbos[k] + torch.clamp(kl, max=barrier))
     return torch.stack(terms)
+
+
+class _ComponentTerms(Observer):
+    """RME's component objectives in a training run (the engine's refinement path): λ_0 is the encoders' mixture
+    with the components held fixed (:meth:`start`), and at the run's evaluation each component's −J_m trains its
+    own encoder (:attr:`term`, a :meth:`~learned_inference.engine.TrainingLoss.parameter_term`)."""
+
+    def __init__(self, method: RecursiveMixtureEncoder, x: Tensor) -> None:
+        self.method, self.x = method, x
+        self.params: Params | None = None
+        self.term = x.new_zeros(())
+
+    def start(self, x: Tensor) -> Params:
+        """λ_0 with the components detached (the mixing weights keep their graph); keeps the full λ."""
+        self.params = params = self.method.init(x)
+        return {"loc": params["loc"].detach(), "log_var": params["log_var"].detach(), "logits": params["logits"]}
+
+    def observe(self, record: StepRecord) -> None:
+        method, x, params = self.method, self.x, self.params
+        assert params is not None  # set by start() before the run's first evaluation
+        active = method.active()
+        prior = prior_moments(method.model, method.space) if method.analytic_kl else None
+        noise = sample_noise(method.num_samples, x.shape[0], method.space.total_dim, dtype=x.dtype, device=x.device)
+        objectives = component_objectives(method.model, params, x, noise, num_components=method.num_components,
+                                          space=method.space, barrier=method.barrier, prior=prior)[:active]
+        healthy = torch.isfinite(objectives.detach()).all(0)
+        weights = [p for encoder in method.encoders[:active] for p in encoder.parameters()]
+        self.term = TrainingLoss.parameter_term(objectives, healthy, weights)
+        return None
 
 
 class RecursiveMixtureEncoder(InferenceMethod):
@@ -253,29 +281,12 @@ class RecursiveMixtureEncoder(InferenceMethod):
         """
         if not torch.is_grad_enabled() or init_params is not None:
             return super().forward(x, init_params=init_params, noise=noise)
-        run = self._check_inputs(x, 0, noise, train=True)
-        params = self.init(x)
-        # the mixing network and the model: the mixture's ELBO with the components held fixed
-        held = {"loc": params["loc"].detach(), "log_var": params["log_var"].detach(), "logits": params["logits"]}
-        prior = prior_moments(self.model, self.space) if self.analytic_kl else None
-        active = self.active()
-        with nullcontext() if run is None else run:
-            objective = Objective(self.model, self.family, self.space, prior, run)
-            trajectory = refine(self.step, held, x, objective=objective, num_steps=0,
-                                noise=lambda t: self._noise(noise, t, x), training=self.training_rule(), train=True,
-                                on_nonfinite=self.on_nonfinite)
-            # the components: −J_m, each into its own encoder
-            component_noise = sample_noise(self.num_samples, x.shape[0], self.space.total_dim, dtype=x.dtype,
-                                           device=x.device)
-            objectives = component_objectives(self.model, params, x, component_noise,
-                                              num_components=self.num_components, space=self.space,
-                                              barrier=self.barrier, prior=prior)[:active]
-        healthy = torch.isfinite(objectives.detach()).all(0)
-        weights = [p for encoder in self.encoders[:active] for p in encoder.parameters()]
-        components = TrainingLoss.parameter_term(objectives, healthy, weights)
+        components = _ComponentTerms(self, x)
+        # the mixing network and the model: the mixture's ELBO with the components held fixed (λ_0 = held)
+        result = self._refine(x, 0, train=True, init_params=None, noise=noise, start=components.start,
+                              observers=[components])
         self.trained_steps += 1
-        result = self._result(trajectory)
-        return dataclasses.replace(result, loss=result.loss + components)
+        return dataclasses.replace(result, loss=result.loss + components.term)
 
     def extra_repr(self) -> str:
         return (f"latent={self.space}, num_components={self.num_components}, barrier={self.barrier}, "
