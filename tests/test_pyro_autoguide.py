@@ -405,3 +405,32 @@ def test_the_guide_trains_with_enumeration_on_every_step():
         assert math.isfinite(loss)
         grads[elbo] = torch.cat([p.grad.flatten() for p in guide.network.parameters()])
     assert not torch.allclose(grads[TraceEnum_ELBO], grads[IterativeTraceEnum_ELBO])
+
+
+def test_the_low_rank_guide_captures_a_correlated_posterior():
+    """A conjugate model whose exact posterior is strongly correlated: the best diagonal Gaussian stays 1.47 nats
+    below log p(x) (closed form); the low-rank guide (family="low_rank", one joint auxiliary site) gets within a
+    third of that after 150 steps."""
+    torch.manual_seed(0)
+    weight = torch.tensor([[2.0, 2.0, 0.0], [2.0, 2.0, 0.1], [0.0, 0.1, 1.0], [1.0, 1.0, 0.0]])
+    sigma = 0.5
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ weight.T, sigma).to_event(1), obs=x)
+
+    marginal = dist.MultivariateNormal(torch.zeros(4), weight @ weight.T + sigma**2 * torch.eye(4))
+    x = marginal.sample((128,))
+    log_px = marginal.log_prob(x).mean().item()
+    precision = torch.eye(3) + weight.T @ weight / sigma**2
+    diagonal_gap = 0.5 * (torch.log(torch.diag(precision)).sum() - torch.logdet(precision)).item()
+    guide = AutoIterativeNormal(model, num_steps=3, hidden_size=32, family="low_rank", num_samples=2)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), IterativeTrace_ELBO())
+    for _ in range(150):
+        svi.step(x[torch.randint(0, 128, (64,))])
+    trace = poutine.trace(guide).get_trace(x)
+    assert any(name.endswith("_latent") and site["infer"].get("is_auxiliary") for name, site in trace.nodes.items())
+    elbo = -Trace_ELBO(num_particles=50, vectorize_particles=True).loss(model, guide, x) / 128
+    assert diagonal_gap > 1.4 and log_px - elbo < diagonal_gap / 3, (log_px - elbo, diagonal_gap)
+    assert guide.quantiles([0.25, 0.75], x)["z"].shape == (2, 128, 3)

@@ -52,9 +52,10 @@ from learned_inference.encodings import (
     make_encoding,
 )
 from learned_inference.engine import Training, refine
-from learned_inference.families import DiagonalGaussian, Params
+from learned_inference.families import DiagonalGaussian, Family, Params, make_family
 from learned_inference.latent_space import LatentSpace
 from learned_inference.learned_step import learned_step
+from learned_inference.low_rank import LowRankGaussian
 from learned_inference.networks import UpdateNetwork, make_network
 from learned_inference.objectives import Objective, UnscoredObjective, sample_noise
 from learned_inference.train_mode import TrainModeRun, batch_norm_error
@@ -174,6 +175,7 @@ class AutoIterativeNormal(AutoGuide):
         num_samples: int = 1,
         init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
         init_scale: float = 0.1,
+        family: str | Family = "diagonal_gaussian",
         encoding: str | Encoding | Sequence[str | Encoding] = DEFAULT_ENCODING,
         update: str = "gated",
         network: str | UpdateNetwork = "highway",
@@ -201,7 +203,11 @@ class AutoIterativeNormal(AutoGuide):
         self._update_name = update
         self._hidden_size = check_int("hidden_size", hidden_size, minimum=1)
         self._num_layers = check_int("num_layers", num_layers, minimum=1)
-        self.family = DiagonalGaussian()
+        self.family = make_family(family)
+        if not isinstance(self.family, (DiagonalGaussian, LowRankGaussian)):
+            raise ValueError(f"family must be 'diagonal_gaussian', 'low_rank' or a DiagonalGaussian/LowRankGaussian "
+                             f"(a Gaussian over the local sites, in unconstrained space), got {self.family!r}; for "
+                             "mixtures use learned_inference's core methods on a model with log_joint")
         self.encoding = make_encoding(encoding)
         if not self.num_steps and not _reads_data_only(self.encoding):
             raise ValueError(
@@ -267,7 +273,8 @@ class AutoIterativeNormal(AutoGuide):
         self.register_buffer("init_log_var", torch.zeros_like(init_loc))
         network = make_network(self._network, hidden_size=self._hidden_size, num_layers=self._num_layers)
         # built on the data's device (a lazy input layer is then sized there); the guide moves with .to() later
-        self.update = make_update(self._update_name, self.family.param_names, hidden_size=network.hidden_size,
+        self.update = make_update(self._update_name, self.family.param_sizes(self.layout.total_dim),
+                                  hidden_size=network.hidden_size,
                                   dim=self.layout.total_dim).to(init_loc.device)
         self.network = network.to(init_loc.device)
 
@@ -341,7 +348,7 @@ class AutoIterativeNormal(AutoGuide):
                 "(AutoNormal(poutine.block(model, hide=[<local sites>])))."
             )
         network = cast(UpdateNetwork, self._modules["network"])  # no pyro.module statement yet
-        shapes = FeatureShapes.of(data=data_features, param_names=self.family.param_names, space=LatentSpace(dim))
+        shapes = FeatureShapes.of(data=data_features, param_names=self.family.param_sizes(dim), space=LatentSpace(dim))
         network.materialize(self.encoding.num_features(shapes))
         if self.network_scale != 1.0 and not any(map(parametrize.is_parametrized, network.modules())):
             for module in (network, self._modules["update"]):
@@ -385,6 +392,8 @@ class AutoIterativeNormal(AutoGuide):
         if not self.layout.sites:
             return result
         params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
+        if isinstance(self.family, LowRankGaussian):
+            return self._sample_jointly(params, plates, masks, result)
         locs = self.layout.split(params["loc"])
         scales = self.layout.split(torch.exp(0.5 * params["log_var"]))
         trace = self.prototype_trace
@@ -406,6 +415,34 @@ class AutoIterativeNormal(AutoGuide):
                 if poutine.get_mask() is not False:
                     jacobian = site.transform.inv.log_abs_det_jacobian(value, u)
                     log_density = sum_rightmost(jacobian, jacobian.dim() - value.dim() + site.constrained_event_dim)
+                result[site.name] = pyro.sample(
+                    site.name, dist.Delta(value, log_density=log_density, event_dim=site.constrained_event_dim)
+                )
+        return result
+
+    def _sample_jointly(self, params: Params, plates: dict[str, pyro.plate], masks: dict[str, Any],
+                       result: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A correlated family (low-rank): one auxiliary site ``_<guide>_latent`` draws every local site's
+        unconstrained value at once, u ~ q_λ over all D dimensions (inside the amortized plates); each site is then
+        its block of u, transformed, with the Jacobian as its log-density (as ``AutoLowRankMultivariateNormal``)."""
+        trace = self.prototype_trace
+        assert trace is not None  # set up
+        with ExitStack() as stack:
+            for name in self.layout.plates:
+                stack.enter_context(plates[name])
+            q = cast(torch.distributions.LowRankMultivariateNormal, self.family.distribution(params))
+            joint = dist.LowRankMultivariateNormal(q.loc, q.cov_factor, q.cov_diag)
+            u = pyro.sample(f"_{self._pyro_name}_latent", joint, infer={"is_auxiliary": True})
+        blocks = self.layout.split(u)
+        for site in self.layout.sites:
+            with ExitStack() as stack:
+                for frame in trace.nodes[site.name]["cond_indep_stack"]:
+                    stack.enter_context(plates[frame.name])
+                if isinstance(masks.get(site.name), Tensor):
+                    stack.enter_context(poutine.mask(mask=masks[site.name]))
+                value = site.transform(blocks[site.name])
+                jacobian = site.transform.inv.log_abs_det_jacobian(value, blocks[site.name])
+                log_density = sum_rightmost(jacobian, jacobian.dim() - value.dim() + site.constrained_event_dim)
                 result[site.name] = pyro.sample(
                     site.name, dist.Delta(value, log_density=log_density, event_dim=site.constrained_event_dim)
                 )
@@ -435,7 +472,9 @@ class AutoIterativeNormal(AutoGuide):
                                   outer_plates=frozenset(frame.name for frame in outer),
                                   enumerate_dim=-(nesting + 1) if self._enumerates else None)
         batch, dim = math.prod(left), layout.total_dim
-        params = {"loc": self.init_loc.expand(batch, dim), "log_var": self.init_log_var.expand(batch, dim)}
+        start = family.from_diagonal(self.init_loc.expand(batch, dim), self.init_log_var.expand(batch, dim))
+        assert start is not None  # a Gaussian family (checked at construction)
+        params = family.constrain(start)
         x = log_joint.observations(params["loc"])
         network = self._update_network(int(x.shape[1]), dim)
         update = self._registered("update")
@@ -458,7 +497,7 @@ class AutoIterativeNormal(AutoGuide):
             raise batch_norm_error(f"the model's {type(module).__name__}", module, cause="test_time")
         if train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
-        return {name: value.reshape(*left, dim) for name, value in run.params.items()}, log_joint.masks
+        return {name: value.reshape(*left, value.shape[-1]) for name, value in run.params.items()}, log_joint.masks
 
     # -- summaries ---------------------------------------------------------------------------------------------------
 
@@ -474,7 +513,7 @@ class AutoIterativeNormal(AutoGuide):
         conditioned = {} if self.globals is None else self.globals.median(*args, **kwargs)
         generator = torch.Generator(device=self.init_loc.device).manual_seed(SUMMARY_SEED)
         params, _ = self._refine(plates, dict(conditioned), get_plates(), args, kwargs, generator=generator)
-        return self.layout.split(params["loc"]), self.layout.split(torch.exp(0.5 * params["log_var"]))
+        return self.layout.split(params["loc"]), self.layout.split(self.family.distribution(params).stddev)
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
