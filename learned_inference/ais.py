@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
-from learned_inference.model import LatentModel, check_model, check_support
+from learned_inference.model import LatentModel, WithPrior, check_model, check_support
 from learned_inference.validation import check_data, check_int
 
 __all__ = ["AISResult", "annealed_importance_sampling", "hmc_transition", "leapfrog", "sigmoid_schedule"]
@@ -209,8 +209,8 @@ def _initial_distribution(
             "latent variables (a dict z), which AIS does not support yet. Estimate log p(x) with "
             "learned_inference.evaluation.importance_weighted_log_marginal instead."
         )
-    if initial is None and callable(getattr(model, "prior", None)):
-        initial = model.prior()  # type: ignore[attr-defined]
+    if initial is None and isinstance(model, WithPrior):
+        initial = model.prior()
     if initial is None:
         if latent_dim is None:
             raise ValueError(f"{type(model).__name__} has no prior(); pass latent_dim= (for an N(0, I) start) or "
