@@ -212,33 +212,77 @@ class NaturalGradientUpdate(Update):
 
 
 class StagedUpdate(Update):
-    """The first step of a run from ``first``, every later step from ``then``:
+    """Updates in stages: each stage's update runs for its number of steps, then hands over to the next stage,
+    which starts with no state; the last stage runs for every later step:
 
-        λ_1 = first(h_0, λ_0),     λ_{t+1} = then(h_t, λ_t)  for t ≥ 1  (``then`` starts with no state).
+        λ_{t+1} = u_k(h_t, λ_t)   for T_k ≤ t < T_{k+1},   T_0 = 0,   T_{k+1} = T_k + n_k.
 
-    The default pairing (``"gated_then_natural_gradient"``) lets the first step jump, as an amortized encoder does
-    (the gated update of eq. 62 can land anywhere, however far λ_0 is), and makes every later step a
-    natural-gradient step, which vanishes with the gradient, so running longer does not drift.
+    ``StagedUpdate(first=a, then=b)`` is the two-stage case [(a, 1), (b, every later step)]: the default pairing
+    (``"gated_then_natural_gradient"``) lets the first step jump, as an amortized encoder does (the gated update of
+    eq. 62 can land anywhere, however far λ_0 is), and makes every later step a natural-gradient step, which
+    vanishes with the gradient, so running longer does not drift. ``stages=[(u_0, n_0), …, (u_K, None)]`` gives
+    any sequence.
 
     Args:
-        first: the update of the first step.
+        first: the update of the first step (with ``then``).
         then: the update of every later step; it must read the same hidden size and update the same λ.
+        stages: instead of ``first``/``then``: ``(update, steps)`` pairs, the last one's steps None (for ever).
+
+    Example:
+        >>> from learned_inference.updates import GatedUpdate, NaturalGradientUpdate, ResidualUpdate
+        >>> heads = [kind(("loc", "log_var"), hidden_size=4, dim=2)
+        ...          for kind in (GatedUpdate, ResidualUpdate, NaturalGradientUpdate)]
+        >>> staged = StagedUpdate(stages=[(heads[0], 1), (heads[1], 3), (heads[2], None)])
+        >>> [staged.stage_at(t) for t in range(6)]
+        [0, 1, 1, 1, 2, 2]
     """
 
-    def __init__(self, *, first: Update, then: Update) -> None:
+    def __init__(self, *, first: Update | None = None, then: Update | None = None,
+                 stages: Sequence[tuple[Update, int | None]] | None = None) -> None:
         super().__init__()
-        if (first.hidden_size, first.dim) != (then.hidden_size, then.dim):
-            raise ValueError(f"first and then must read the same hidden size and update the same latent size, got "
-                             f"(hidden_size, dim) = {(first.hidden_size, first.dim)} and "
-                             f"{(then.hidden_size, then.dim)}")
-        self.first, self.then = first, then
-        self.hidden_size, self.dim = first.hidden_size, first.dim
+        if stages is None:
+            if first is None or then is None:
+                raise ValueError("StagedUpdate needs first= and then=, or stages=[(update, steps), ..., "
+                                 "(update, None)]")
+            named: list[tuple[str, Update, int | None]] = [("first", first, 1), ("then", then, None)]
+        elif first is not None or then is not None:
+            raise ValueError("give either first=/then= or stages=, not both")
+        else:
+            named = [(f"stage{k}", update, steps) for k, (update, steps) in enumerate(stages)]
+        if not named or named[-1][2] is not None or any(
+                isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 for _, _, steps in named[:-1]):
+            raise ValueError("stages must be (update, steps) pairs with steps an int >= 1, the last one's steps None "
+                             "(it runs for every later step)")
+        lead = named[0][1]
+        for _, update, _ in named[1:]:
+            if (update.hidden_size, update.dim) != (lead.hidden_size, lead.dim):
+                raise ValueError(f"every stage must read the same hidden size and update the same latent size, got "
+                                 f"(hidden_size, dim) = {(lead.hidden_size, lead.dim)} and "
+                                 f"{(update.hidden_size, update.dim)}")
+        for name, update, _ in named:
+            self.add_module(name, update)
+        self._stages = [(name, steps) for name, _, steps in named]
+        self.hidden_size, self.dim = lead.hidden_size, lead.dim
+
+    def stage_at(self, t: int) -> int:
+        """The stage that takes step t."""
+        end = 0
+        for k, (_, steps) in enumerate(self._stages):
+            if steps is None:
+                return k
+            end += steps
+            if t < end:
+                return k
+        return len(self._stages) - 1
 
     def forward(self, hidden: Tensor, context: StepContext, state: Any = None) -> tuple[Params, Any]:
-        if context.t == 0:
-            return self.first(hidden, context, None)[0], None
-        proposal, state = self.then(hidden, context, state)
-        return proposal, state
+        k = self.stage_at(context.t)
+        update = cast(Update, self.get_submodule(self._stages[k][0]))
+        if context.t == 0 or self.stage_at(context.t - 1) != k:
+            state = None  # a stage starts with no state
+        proposal, state = update(hidden, context, state)
+        last_step_of_stage = self._stages[k][1] is not None and self.stage_at(context.t + 1) != k
+        return proposal, None if last_step_of_stage else state
 
 
 def _logit(p: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_inference import IterativeInferenceOptimizer
+from learned_inference import DecoderModel, IterativeInferenceOptimizer
 from learned_inference.block_family import BlockFamily
 from learned_inference.context import StepContext
 from learned_inference.families import DiagonalGaussian
@@ -13,6 +13,7 @@ from learned_inference.latent_space import LatentSpace
 from learned_inference.objectives import Objective, sample_noise
 from learned_inference.updates import NaturalGradientUpdate, StagedUpdate
 from learned_inference.zoo import ProbabilisticPCA
+from tests.conftest import mlp_decoder
 
 
 def test_the_default_updates_classes_are_exported_at_the_top_level():
@@ -159,5 +160,27 @@ def test_a_staged_update_takes_its_first_step_from_first_and_the_rest_from_then(
         alone = IterativeInferenceOptimizer(model, latent_dim=2, update=update, network=staged.network).double()
         replay = alone.infer(x, num_steps=steps, init_params=run[start], noise=noise[start:start + steps + 1])
         torch.testing.assert_close(replay.params, run[start + steps], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="first and then must read the same hidden size"):
+    with pytest.raises(ValueError, match="every stage must read the same hidden size"):
         StagedUpdate(first=staged.update.first, then=NaturalGradientUpdate(("loc",), hidden_size=4, dim=2))
+
+
+def test_staged_updates_run_any_sequence_of_stages_each_starting_without_state():
+    """stages=[(gated, 1), (residual, 2), (natural gradient, None)]: step t uses the stage that covers it, and a
+    stage's first step gets no state (the natural-gradient stage's momentum starts at zero at its first step)."""
+    from learned_inference.updates import GatedUpdate, ResidualUpdate
+
+    heads = [GatedUpdate(("loc", "log_var"), hidden_size=4, dim=2), ResidualUpdate(("loc", "log_var"), hidden_size=4,
+                                                                                   dim=2),
+             NaturalGradientUpdate(("loc", "log_var"), hidden_size=4, dim=2, momentum=True)]
+    staged = StagedUpdate(stages=[(heads[0], 1), (heads[1], 2), (heads[2], None)])
+    assert [staged.stage_at(t) for t in range(6)] == [0, 1, 1, 2, 2, 2]
+    calls = []
+    for k, head in enumerate(heads):
+        head.register_forward_pre_hook(lambda _m, args, kwargs=None, k=k: calls.append((k, args[2] is None)))
+    model = DecoderModel(mlp_decoder(2, 6), likelihood="bernoulli", latent_dim=2)
+    inference = IterativeInferenceOptimizer(model, latent_dim=2, hidden_size=4, update=staged).double()
+    inference.infer(torch.bernoulli(torch.full((3, 6), 0.5, dtype=torch.float64)), num_steps=5)
+    assert [k for k, _ in calls] == [0, 1, 1, 2, 2]
+    assert [fresh for k, fresh in calls if k == 2] == [True, False]  # momentum carried within the stage
+    with pytest.raises(ValueError, match="the last one's steps None"):
+        StagedUpdate(stages=[(heads[0], 1), (heads[1], 2)])
