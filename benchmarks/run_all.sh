@@ -68,5 +68,5 @@ run rme_barrier python benchmarks/rme_barrier.py --threads 1
 run rme_barrier_selection python benchmarks/rme_barrier_selection.py --threads 1 --quiet "${data[@]}" \
     --datasets binarized_mnist fashion_mnist --barriers 0.3 1 --barriers 0.1 0.3 1 3
 run mixture_comparison python benchmarks/mixture_comparison.py --threads 2 --quiet "${data[@]}" --rme-barrier 0.3
-run gap_report python benchmarks/gap_report.py --threads 1 "${data[@]}" --quiet --datasets binarized-mnist
+run gap_report python benchmarks/gap_report.py --threads 1 "${data[@]}" --quiet
 echo "== total: $(( $(date +%s) - total_start )) s"
