@@ -23,8 +23,8 @@ the guide infers new data without re-fitting.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any, cast
 
@@ -65,6 +65,7 @@ from learned_inference.validation import check_int
 from .elbo import record_refinement_loss
 from .layout import (
     LocalLayout,
+    LocalSite,
     check_continuous,
     enumerated,
     find_amortized_plates,
@@ -396,28 +397,14 @@ class AutoIterativeNormal(AutoGuide):
             return self._sample_jointly(params, plates, masks, result)
         locs = self.layout.split(params["loc"])
         scales = self.layout.split(torch.exp(0.5 * params["log_var"]))
-        trace = self.prototype_trace
-        assert trace is not None  # set up above
         for site in self.layout.sites:
-            frames = trace.nodes[site.name]["cond_indep_stack"]
-            with ExitStack() as stack:
-                for frame in frames:
-                    stack.enter_context(plates[frame.name])
-                if isinstance(masks.get(site.name), Tensor):  # masked in the model (e.g. padding): here too
-                    stack.enter_context(poutine.mask(mask=masks[site.name]))
+            with self._site_plates(site, plates, masks):
                 u = pyro.sample(
                     site.name + "_unconstrained",
                     dist.Normal(locs[site.name], scales[site.name]).to_event(site.event_dim),
                     infer={"is_auxiliary": True},
                 )
-                value = site.transform(u)
-                log_density = 0.0
-                if poutine.get_mask() is not False:
-                    jacobian = site.transform.inv.log_abs_det_jacobian(value, u)
-                    log_density = sum_rightmost(jacobian, jacobian.dim() - value.dim() + site.constrained_event_dim)
-                result[site.name] = pyro.sample(
-                    site.name, dist.Delta(value, log_density=log_density, event_dim=site.constrained_event_dim)
-                )
+                result[site.name] = _constrained_site(site, u)
         return result
 
     def _sample_jointly(self, params: Params, plates: dict[str, pyro.plate], masks: dict[str, Any],
@@ -425,8 +412,6 @@ class AutoIterativeNormal(AutoGuide):
         """A correlated family (low-rank): one auxiliary site ``_<guide>_latent`` draws every local site's
         unconstrained value at once, u ~ q_λ over all D dimensions (inside the amortized plates); each site is then
         its block of u, transformed, with the Jacobian as its log-density (as ``AutoLowRankMultivariateNormal``)."""
-        trace = self.prototype_trace
-        assert trace is not None  # set up
         with ExitStack() as stack:
             for name in self.layout.plates:
                 stack.enter_context(plates[name])
@@ -435,18 +420,21 @@ class AutoIterativeNormal(AutoGuide):
             u = pyro.sample(f"_{self._pyro_name}_latent", joint, infer={"is_auxiliary": True})
         blocks = self.layout.split(u)
         for site in self.layout.sites:
-            with ExitStack() as stack:
-                for frame in trace.nodes[site.name]["cond_indep_stack"]:
-                    stack.enter_context(plates[frame.name])
-                if isinstance(masks.get(site.name), Tensor):
-                    stack.enter_context(poutine.mask(mask=masks[site.name]))
-                value = site.transform(blocks[site.name])
-                jacobian = site.transform.inv.log_abs_det_jacobian(value, blocks[site.name])
-                log_density = sum_rightmost(jacobian, jacobian.dim() - value.dim() + site.constrained_event_dim)
-                result[site.name] = pyro.sample(
-                    site.name, dist.Delta(value, log_density=log_density, event_dim=site.constrained_event_dim)
-                )
+            with self._site_plates(site, plates, masks):
+                result[site.name] = _constrained_site(site, blocks[site.name])
         return result
+
+    @contextmanager
+    def _site_plates(self, site: LocalSite, plates: dict[str, pyro.plate], masks: dict[str, Any]) -> Iterator[None]:
+        """Inside: the plates of a local site, and the model's mask of it where the model masks it (padding)."""
+        trace = self.prototype_trace
+        assert trace is not None  # set up
+        with ExitStack() as stack:
+            for frame in trace.nodes[site.name]["cond_indep_stack"]:
+                stack.enter_context(plates[frame.name])
+            if isinstance(masks.get(site.name), Tensor):
+                stack.enter_context(poutine.mask(mask=masks[site.name]))
+            yield
 
     def _refine(
         self, plates: dict[str, pyro.plate], conditioned: dict[str, Tensor], outer: Sequence[Any], args: tuple,
@@ -643,6 +631,16 @@ def _reads_data_only(encoding: Encoding) -> bool:
     if isinstance(encoding, Concat):
         return all(_reads_data_only(part) for part in encoding.encodings)
     return isinstance(encoding, (Data, PosteriorParams))
+
+
+def _constrained_site(site: LocalSite, u: Tensor) -> Tensor:
+    """Samples the model's site as T(u), with log|det ∂T⁻¹/∂z| as its log-density (unless the site is masked out)."""
+    value = site.transform(u)
+    log_density: Tensor | float = 0.0
+    if poutine.get_mask() is not False:
+        jacobian = site.transform.inv.log_abs_det_jacobian(value, u)
+        log_density = sum_rightmost(jacobian, jacobian.dim() - value.dim() + site.constrained_event_dim)
+    return pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.constrained_event_dim))
 
 
 def _sized(frame: CondIndepStackFrame, site: Message) -> CondIndepStackFrame:
