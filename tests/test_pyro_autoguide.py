@@ -405,6 +405,7 @@ def test_the_guide_trains_with_enumeration_on_every_step():
         assert math.isfinite(loss)
         grads[elbo] = torch.cat([p.grad.flatten() for p in guide.network.parameters()])
     assert not torch.allclose(grads[TraceEnum_ELBO], grads[IterativeTraceEnum_ELBO])
+    assert math.isfinite(IterativeTraceEnum_ELBO(max_plate_nesting=2).loss(_enumerated_model, guide, x))  # evaluate
 
 
 def test_the_low_rank_guide_captures_a_correlated_posterior():

@@ -126,18 +126,25 @@ class IterativeTraceEnum_ELBO(RefinementLossMixin, TraceEnum_ELBO):  # noqa: N80
     Takes the same arguments as :class:`pyro.infer.TraceEnum_ELBO` (``max_plate_nesting``, ``num_particles``, ...).
     """
 
+    #: the surrogates R reported during a differentiable_loss call (None outside one: loss() ignores them)
+    _refinement_terms: list[Tensor] | None = None
+
     def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if REFINEMENT_LOSS in guide_trace.nodes:
+        if self._refinement_terms is not None and REFINEMENT_LOSS in guide_trace.nodes:
             self._refinement_terms.append(cast(Tensor, guide_trace.nodes[REFINEMENT_LOSS]["value"]))
         return model_trace, guide_trace
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> Tensor:
         """The ELBO's differentiable loss, with the refinement surrogates' gradients attached (value unchanged)."""
-        self._refinement_terms: list[Tensor] = []
-        loss = super().differentiable_loss(model, guide, *args, **kwargs)
-        if self._refinement_terms:
-            loss = loss + gradient_only(torch.stack(self._refinement_terms).sum() / self.num_particles)
+        terms: list[Tensor] = []
+        self._refinement_terms = terms
+        try:
+            loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        finally:
+            self._refinement_terms = None
+        if terms:
+            loss = loss + gradient_only(torch.stack(terms).sum() / self.num_particles)
         return cast(Tensor, loss)
 
     def loss_and_grads(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
