@@ -110,12 +110,16 @@ def train_vae(args: argparse.Namespace, train: Tensor, transform: Any) -> tuple[
 
 def train_optimizer(
     args: argparse.Namespace, model: DecoderModel, train: Tensor, transform: Any, *, init: str, budget_s: float,
+    family: Any = "diagonal_gaussian",
 ) -> tuple[IterativeInferenceOptimizer, dict[str, list[float]]]:
-    """An optimizer with the options of ``CONFIGS[init]`` trained on top of the frozen ``model`` for as many whole
-    epochs as fit in ``budget_s`` (by median epoch time; at least one)."""
+    """An optimizer with the options of ``CONFIGS[init]`` (and ``family``) trained on top of the frozen ``model`` for
+    as many whole epochs as fit in ``budget_s`` (by median epoch time; at least one). Its checkpoint is keyed by the
+    VAE it was trained on (dataset, training images, VAE epochs) as well as by its own options."""
     torch.manual_seed(args.seed)
-    inference = IterativeInferenceOptimizer(model, latent_dim=64, data_shape=train.shape[1:], **CONFIGS[init])
-    config = {"dataset": args.dataset, "init": init, "seed": args.seed, "defaults": repr(inference)}
+    inference = IterativeInferenceOptimizer(model, latent_dim=64, data_shape=train.shape[1:], family=family,
+                                            **CONFIGS[init])
+    config = {"dataset": args.dataset, "init": init, "seed": args.seed, "defaults": repr(inference),
+              "family": repr(inference.family), "num_examples": len(train), "vae_epochs": args.vae_epochs}
     checkpoint = common.checkpoint_file(args, f"frozen-optimizer-{init}", config)
     epochs = 1
     while True:

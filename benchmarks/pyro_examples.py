@@ -610,10 +610,10 @@ def piano_rolls(num: int, length: int, *, seed: int, voices: int = 4) -> Tensor:
 
 
 def build_dmm(kind: str, ctx: Context) -> Run:
+    s = ctx.settings
+    example = load_example(ctx.checkout, "dmm.py")  # first: its stand-ins serve the loader's imports too
     import pyro.contrib.examples.polyphonic_data_loader as poly
 
-    s = ctx.settings
-    example = load_example(ctx.checkout, "dmm.py")
     sequences = piano_rolls(s["num_train"] + s["num_test"], s["length"], seed=ctx.seed)
     lengths = torch.full((len(sequences),), s["length"])
     train, test = sequences[: s["num_train"]], sequences[s["num_train"]:]

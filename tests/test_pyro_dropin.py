@@ -239,8 +239,9 @@ def test_lr_005_on_a_conjugate_model_recovers_the_exact_posterior_with_network_s
 
 
 def test_network_scale_is_checked_and_stores_the_network_scaled():
-    with pytest.raises(ValueError, match=r"network_scale must be a float in \(0, 1\], got 0"):
-        AutoIterativeNormal(local_model, network_scale=0)
+    for bad in (0, 0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match=rf"network_scale must be a finite float > 0, got {bad}"):
+            AutoIterativeNormal(local_model, network_scale=bad)
     x, y = torch.randn(5), torch.randn(5)
     pyro.set_rng_seed(0)
     scaled = AutoIterativeNormal(local_model, network_scale=0.1, **SMALL)
@@ -346,3 +347,34 @@ def test_latents_the_model_masks_are_masked_in_the_guide_too():
         svi.step(x, mask)
     elbo = -Trace_ELBO(num_particles=200, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, x, mask)
     assert exact - 1.0 < elbo < exact + 0.1, (elbo, exact)
+
+
+def test_a_long_simplex_global_site_is_drawn_on_the_simplex_in_float32():
+    """A global Dirichlet over 1,024 words (Pyro's LDA example's topics): float32 stick-breaking can miss Σ = 1 by
+    more than the 1e-6 Pyro's validation allows (AutoNormal itself fails on that model at its fifth step); the guide
+    renormalizes such draws, keeping their log-density (the transform's Jacobian)."""
+    from learned_inference.integrations.pyro.guide import _OnTheSimplex
+
+    value = torch.full((2, 1024), 1 / 1024) * torch.tensor([[1 + 3e-6], [1.0]])
+    assert not dist.Dirichlet(torch.ones(1024)).support.check(value).all()
+    with poutine.trace() as tape, _OnTheSimplex(frozenset({"topics"})):
+        drawn = pyro.sample("topics", dist.Delta(value, log_density=torch.tensor([0.5, 1.5]), event_dim=1))
+    assert dist.Dirichlet(torch.ones(1024)).support.check(drawn).all()
+    torch.testing.assert_close(drawn, value / value.sum(-1, keepdim=True))
+    torch.testing.assert_close(tape.trace.nodes["topics"]["fn"].log_density, torch.tensor([0.5, 1.5]))
+    with _OnTheSimplex(frozenset({"other"})):
+        assert torch.equal(pyro.sample("topics", dist.Delta(value, event_dim=1)), value)
+
+    def model(docs):
+        topics = pyro.sample("topics", dist.Dirichlet(torch.full((3, 1024), 1 / 1024)).to_event(1))
+        with pyro.plate("docs", docs.shape[1]):
+            mix = pyro.sample("mix", dist.Dirichlet(torch.ones(3)))
+            with pyro.plate("words", docs.shape[0]):
+                pyro.sample("w", dist.Categorical(mix @ topics), obs=docs)
+
+    docs = torch.randint(1024, (16, 20))
+    guide = AutoIterativeNormal(model, num_steps=1, hidden_size=16)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.01}), IterativeTrace_ELBO())
+    for _ in range(30):
+        assert math.isfinite(svi.step(docs))
+    assert guide._on_the_simplex.names == {"topics"}
