@@ -270,9 +270,9 @@ class AutoIterativeNormal(AutoGuide):
                 poutine.block(self.model, expose=global_names), init_loc_fn=self.init_loc_fn,
                 init_scale=self.init_scale,
             )
-            self._on_the_simplex = _OnTheSimplex(frozenset(
-                name for name in global_names if _on_a_simplex(cast(Any, self.prototype_trace.nodes[name]["fn"]).support)
-            ))
+            supports = {name: cast(Any, self.prototype_trace.nodes[name]["fn"]).support for name in global_names}
+            self._on_the_simplex = _OnTheSimplex(frozenset(name for name in global_names
+                                                           if _on_a_simplex(supports[name])))
         if not self.layout.sites:
             return
         init_loc = self.layout.init_loc
