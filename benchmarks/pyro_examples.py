@@ -26,6 +26,7 @@ The guide swaps (``-`` the example, ``+`` here; ``ours`` is either of our guides
                     + svi = SVI(cvae_net.model, ours, optimizer, loss=IterativeTrace_ELBO())
     lda.py          - guide = functools.partial(parametrized_guide, predictor)
                     + guide = AutoIterativeNormal(model, amortized_plates="documents", network_scale=0.5,
+                    +     global_guide=lambda restricted: dirichlet_topics,   # Gamma / Dirichlet, as the example
                     +     create_plates=lambda data, args, batch_size=None: pyro.plate("documents", args.num_docs,
                     +                                                                  batch_size))
                     - elbo = TraceEnum_ELBO(max_plate_nesting=2)
@@ -111,6 +112,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from torch.distributions import constraints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -439,6 +441,18 @@ def build_cvae(kind: str, ctx: Context) -> Run:
     return Run(cvae_net.model, guide, svi, epoch, [cvae_net], (test_inputs, test_targets))
 
 
+def dirichlet_topics(data: Tensor | None = None, args: Any = None, batch_size: int | None = None) -> None:
+    """LDA's global sites under their conjugate families, Gamma topic weights and Dirichlet topics (concentrations
+    kept above 0.5, as the example's guide keeps them): the guide of the sites our guide leaves global."""
+    with pyro.plate("topics", args.num_topics):
+        rate = pyro.param("topic_weights_concentration", lambda: torch.ones(args.num_topics),
+                          constraint=constraints.positive)
+        pyro.sample("topic_weights", dist.Gamma(rate, 1.0))
+        concentration = pyro.param("topic_words_concentration", lambda: torch.ones(args.num_topics, args.num_words),
+                                   constraint=constraints.greater_than(0.5))
+        pyro.sample("topic_words", dist.Dirichlet(concentration))
+
+
 def build_lda(kind: str, ctx: Context) -> Run:
     s = ctx.settings
     example = load_example(ctx.checkout, "lda.py")
@@ -458,6 +472,7 @@ def build_lda(kind: str, ctx: Context) -> Run:
         modules = [predictor]
     else:
         guide = _ours(kind, example.model, ctx, 0.01, counts=True, amortized_plates="documents",
+                      global_guide=lambda restricted: dirichlet_topics,
                       create_plates=lambda data=None, args=None, batch_size=None: pyro.plate(
                           "documents", args.num_docs, batch_size))
         modules = []

@@ -378,3 +378,44 @@ def test_a_long_simplex_global_site_is_drawn_on_the_simplex_in_float32():
     for _ in range(30):
         assert math.isfinite(svi.step(docs))
     assert guide._on_the_simplex.names == {"topics"}
+
+
+def test_a_global_guide_of_the_users_choice_guides_the_global_sites_and_conditions_the_refinement():
+    """``global_guide=`` builds the global sites' guide from the model restricted to them: an autoguide (AutoDelta:
+    its median joins ours) or a function; every model run of the refinement sees its draw, not a prior draw."""
+    from pyro.infer.autoguide import AutoDelta
+
+    seen: list[float] = []
+
+    def model(x):
+        with pyro.plate("pair", 2):  # a global plate: a function guide creates it itself
+            mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        seen.append(float(mu.detach().sum()))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(mu.sum(), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.randn(6)
+    delta = AutoIterativeNormal(model, global_guide=AutoDelta, **SMALL)
+    delta(x)
+    assert isinstance(delta.globals, AutoDelta)
+    assert set(delta.median(x)) == {"mu", "z"} and "AutoDelta" in type(delta.globals).__name__
+
+    def fixed_mu(x):
+        with pyro.plate("pair", 2):
+            return {"mu": pyro.sample("mu", dist.Delta(torch.tensor([2.0, 3.0])))}
+
+    fixed = AutoIterativeNormal(model, global_guide=lambda restricted: fixed_mu, **SMALL)
+    fixed(x)  # set-up runs draw mu from the model; every later run is conditioned on the guide's draw
+    seen.clear()
+    trace = poutine.trace(fixed).get_trace(x)
+    # the first model run only sizes the plate on the data; the refinement's runs all see the guide's draw
+    assert trace.nodes["mu"]["value"].tolist() == [2.0, 3.0] and len(seen) >= 3 and set(seen[1:]) == {5.0}
+    with pytest.raises(AttributeError, match="has no median: pass an autoguide that has it"):
+        fixed.median(x)
+
+    def forgets_mu(x):
+        return {}
+
+    with pytest.raises(ValueError, match=r"did not sample \['mu'\]: it must sample every latent site outside"):
+        AutoIterativeNormal(model, global_guide=lambda restricted: forgets_mu, **SMALL)(x)

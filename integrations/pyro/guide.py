@@ -142,6 +142,11 @@ class AutoIterativeNormal(AutoGuide):
         num_samples: reparameterized samples per refinement gradient.
         init_loc_fn: per-site initialization (λ_0 takes its value averaged over the datapoints).
         init_scale: initial scale of the global sites' AutoNormal posteriors.
+        global_guide: builds the guide of the global sites (latent sites outside the amortized plates) from the
+            model with only those sites exposed, ``poutine.block(model, expose=[...])``: any Pyro guide over them,
+            e.g. ``AutoDelta``, ``AutoLowRankMultivariateNormal``, or a function that samples them (called with the
+            model's arguments). Default: ``AutoNormal(model, init_loc_fn=init_loc_fn, init_scale=init_scale)``.
+            The local sites are refined given its draw; ``median`` and ``quantiles`` need its own.
         encoding: what the update network sees (default: log/sign gradient, data, λ).
         update: ``"gated"`` (eq. 62) or ``"residual"``.
         network: ``"highway"``, ``"lstm"``, ``"gru"`` or an :class:`~learned_inference.networks.UpdateNetwork`.
@@ -178,6 +183,7 @@ class AutoIterativeNormal(AutoGuide):
         num_samples: int = 1,
         init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
         init_scale: float = 0.1,
+        global_guide: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
         family: str | Family = "diagonal_gaussian",
         encoding: str | Encoding | Sequence[str | Encoding] = DEFAULT_ENCODING,
         update: str = "gated",
@@ -202,6 +208,7 @@ class AutoIterativeNormal(AutoGuide):
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
         self.init_loc_fn = init_loc_fn
         self.init_scale = init_scale
+        self._global_guide_of = global_guide
         self._network = network
         self._update_name = update
         self._hidden_size = check_int("hidden_size", hidden_size, minimum=1)
@@ -218,7 +225,8 @@ class AutoIterativeNormal(AutoGuide):
                 f"evaluating the model, but encoding={self.encoding!r} reads more (the gradient or errors): pass "
                 "encoding='data', or use AutoAmortizedNormal"
             )
-        self.globals: AutoNormal | None = None
+        self.globals: Callable[..., Any] | None = None
+        self._global_names: frozenset[str] = frozenset()
         self._on_the_simplex = _OnTheSimplex(frozenset())
         self._data_features: int | None = None
 
@@ -266,10 +274,15 @@ class AutoIterativeNormal(AutoGuide):
             if name not in {site.name for site in self.layout.sites}
         ]
         if global_names:
-            self.globals = AutoNormal(
-                poutine.block(self.model, expose=global_names), init_loc_fn=self.init_loc_fn,
-                init_scale=self.init_scale,
-            )
+            restricted = poutine.block(self.model, expose=global_names)
+            self.globals = (AutoNormal(restricted, init_loc_fn=self.init_loc_fn, init_scale=self.init_scale)
+                            if self._global_guide_of is None else self._global_guide_of(restricted))
+            self._global_names = frozenset(global_names)
+            if not isinstance(self.globals, AutoGuide):  # a function creates the plates of its sites itself
+                stacks = [self.prototype_trace.nodes[site.name]["cond_indep_stack"] for site in self.layout.sites]
+                local = {frame.name for stack in stacks for frame in stack}
+                self._prototype_frames = {name: frame for name, frame in self._prototype_frames.items()
+                                          if name in local}
             supports = {name: cast(Any, self.prototype_trace.nodes[name]["fn"]).support for name in global_names}
             self._on_the_simplex = _OnTheSimplex(frozenset(name for name in global_names
                                                            if _on_a_simplex(supports[name])))
@@ -373,15 +386,34 @@ class AutoIterativeNormal(AutoGuide):
     @property
     def scales(self) -> Any:
         """The global sites' scales, as ``AutoNormal.scales``; see :attr:`locs`."""
-        return self._global_guide().scales
+        return self._global_guide("scales").scales
 
-    def _global_guide(self) -> AutoNormal:
+    def _global_guide(self, attribute: str = "locs") -> Any:
+        """The guide of the global sites, which must have ``attribute``."""
         if self.globals is None:
             raise AttributeError(
                 "this guide has no global sites yet: call it once on data to set it up, or the model has no latent "
                 "site outside the amortized plate (local sites have no per-site parameters: see median())"
             )
+        if not hasattr(self.globals, attribute):
+            raise AttributeError(
+                f"the guide of the global sites ({self.globals!r}, from global_guide=) has no {attribute}: pass an "
+                f"autoguide that has it (the default AutoNormal, AutoDelta, ...) for {attribute}"
+            )
         return self.globals
+
+    def _draw_globals(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        """Samples the global sites with their guide; returns their values (every global site, or a clear error)."""
+        if self.globals is None:
+            return {}
+        with poutine.trace() as tape, TrainModeRun(), self._on_the_simplex:  # an autoguide's set-up runs the model
+            self.globals(*args, **kwargs)
+        drawn = {name: site["value"] for name, site in tape.trace.nodes.items()
+                 if site["type"] == "sample" and name in self._global_names}
+        if missing := sorted(self._global_names - set(drawn)):
+            raise ValueError(f"the guide of the global sites (global_guide=) did not sample {missing}: it must "
+                             "sample every latent site outside the amortized plates")
+        return cast(dict[str, Tensor], drawn)
 
     # -- the guide --------------------------------------------------------------------------------------------------
 
@@ -394,8 +426,7 @@ class AutoIterativeNormal(AutoGuide):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        with TrainModeRun(), self._on_the_simplex:  # the global guide's set-up runs the model
-            result = {} if self.globals is None else self.globals(*args, **kwargs)
+        result = self._draw_globals(args, kwargs)
         if not self.layout.sites:
             return result
         params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
@@ -504,7 +535,7 @@ class AutoIterativeNormal(AutoGuide):
         if self.master is not None:  # an AutoGuideList's summaries do not size its plates on these arguments
             self.master()._create_plates(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        conditioned = {} if self.globals is None else self.globals.median(*args, **kwargs)
+        conditioned = {} if self.globals is None else self._global_guide("median").median(*args, **kwargs)
         generator = torch.Generator(device=self.init_loc.device).manual_seed(SUMMARY_SEED)
         params, _ = self._refine(plates, dict(conditioned), get_plates(), args, kwargs, generator=generator)
         return self.layout.split(params["loc"]), self.layout.split(self.family.distribution(params).stddev)
@@ -517,7 +548,7 @@ class AutoIterativeNormal(AutoGuide):
             A dict mapping site name to its median, T(μ_T) for local sites.
         """
         locs, _ = self._posterior(args, kwargs)
-        result = {} if self.globals is None else self.globals.median(*args, **kwargs)
+        result = {} if self.globals is None else self._global_guide("median").median(*args, **kwargs)
         result.update({site.name: site.transform(locs[site.name]) for site in self.layout.sites})
         return result
 
@@ -532,7 +563,7 @@ class AutoIterativeNormal(AutoGuide):
             A dict mapping site name to a ``[len(quantiles), *site_shape]`` tensor, T(μ + σ Φ⁻¹(q)) for local sites.
         """
         locs, scales = self._posterior(args, kwargs)
-        result = {} if self.globals is None else self.globals.quantiles(quantiles, *args, **kwargs)
+        result = {} if self.globals is None else self._global_guide("quantiles").quantiles(quantiles, *args, **kwargs)
         for site in self.layout.sites:
             loc, scale = locs[site.name], scales[site.name]
             q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device).reshape(-1, *(1,) * loc.dim())
@@ -569,6 +600,7 @@ class AutoAmortizedNormal(AutoIterativeNormal):
         amortized_plates: as for :class:`AutoIterativeNormal`.
         init_loc_fn: per-site initialization of λ_0 (and of the global sites).
         init_scale: initial scale of the global sites' AutoNormal posteriors.
+        global_guide: as for :class:`AutoIterativeNormal`.
         encoding: what the encoder reads: ``"data"`` (default), or data-only encodings such as
             ``Data(log1p=True)`` for count data (an encoding that reads the model's gradient is refused: use
             :class:`AutoIterativeNormal`).
@@ -596,6 +628,7 @@ class AutoAmortizedNormal(AutoIterativeNormal):
         amortized_plates: str | Sequence[str] | None = None,
         init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
         init_scale: float = 0.1,
+        global_guide: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
         encoding: str | Encoding | Sequence[str | Encoding] = "data",
         update: str = "gated",
         network: str | UpdateNetwork = "highway",
@@ -606,8 +639,8 @@ class AutoAmortizedNormal(AutoIterativeNormal):
     ) -> None:
         super().__init__(
             model, amortized_plates=amortized_plates, num_steps=0, init_loc_fn=init_loc_fn, init_scale=init_scale,
-            encoding=encoding, update=update, network=network, hidden_size=hidden_size, num_layers=num_layers,
-            network_scale=network_scale, create_plates=create_plates,
+            global_guide=global_guide, encoding=encoding, update=update, network=network, hidden_size=hidden_size,
+            num_layers=num_layers, network_scale=network_scale, create_plates=create_plates,
         )
 
 
