@@ -396,7 +396,7 @@ def test_a_global_guide_of_the_users_choice_guides_the_global_sites_and_conditio
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     x = torch.randn(6)
-    delta = AutoIterativeNormal(model, global_guide=AutoDelta, **SMALL)
+    delta = AutoIterativeNormal(model, amortized_plates="data", global_guide=AutoDelta, **SMALL)
     delta(x)
     assert isinstance(delta.globals, AutoDelta)
     assert set(delta.median(x)) == {"mu", "z"} and "AutoDelta" in type(delta.globals).__name__
@@ -405,7 +405,7 @@ def test_a_global_guide_of_the_users_choice_guides_the_global_sites_and_conditio
         with pyro.plate("pair", 2):
             return {"mu": pyro.sample("mu", dist.Delta(torch.tensor([2.0, 3.0])))}
 
-    fixed = AutoIterativeNormal(model, global_guide=lambda restricted: fixed_mu, **SMALL)
+    fixed = AutoIterativeNormal(model, amortized_plates="data", global_guide=lambda restricted: fixed_mu, **SMALL)
     fixed(x)  # set-up runs draw mu from the model; every later run is conditioned on the guide's draw
     seen.clear()
     trace = poutine.trace(fixed).get_trace(x)
@@ -418,4 +418,4 @@ def test_a_global_guide_of_the_users_choice_guides_the_global_sites_and_conditio
         return {}
 
     with pytest.raises(ValueError, match=r"did not sample \['mu'\]: it must sample every latent site outside"):
-        AutoIterativeNormal(model, global_guide=lambda restricted: forgets_mu, **SMALL)(x)
+        AutoIterativeNormal(model, amortized_plates="data", global_guide=lambda restricted: forgets_mu, **SMALL)(x)
