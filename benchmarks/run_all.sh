@@ -62,6 +62,7 @@ run text_perplexity python benchmarks/text_perplexity.py --threads 1 "${data[@]}
 run pyro_vae python benchmarks/pyro_vae.py --epochs 5 --train 5000 --test 1000 --batch 100 --lr 0.001 --steps 5 \
     --seed 0 --threads 1
 run pyro_examples python benchmarks/pyro_examples.py --threads 1   # needs a Pyro checkout: --pyro-examples
+run pyro_autoguide_suite python benchmarks/pyro_autoguide_suite.py --threads 1   # needs Pyro's git: --pyro-repo
 run mixture_posterior_2d python benchmarks/mixture_posterior_2d.py --threads 1 --quiet
 run rme_barrier python benchmarks/rme_barrier.py --threads 1
 # C is chosen on held-out images first; mixture_comparison then runs with the chosen C (0.3 on both datasets)
