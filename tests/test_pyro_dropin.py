@@ -419,3 +419,26 @@ def test_a_global_guide_of_the_users_choice_guides_the_global_sites_and_conditio
 
     with pytest.raises(ValueError, match=r"did not sample \['mu'\]: it must sample every latent site outside"):
         AutoIterativeNormal(model, amortized_plates="data", global_guide=lambda restricted: forgets_mu, **SMALL)(x)
+
+
+def test_a_local_simplex_site_stays_off_the_boundary_so_its_gradients_stay_finite():
+    """An extreme unconstrained draw puts a stick-breaking coordinate below 1e-33 in float32, where a Dirichlet with
+    concentration under 1 (LDA's document topics) has an overflowing gradient and the transform's backward gives
+    NaN; the guide's value keeps every coordinate at least 1e6 / float32's largest number."""
+    from torch.distributions import biject_to, constraints
+
+    from learned_inference.integrations.pyro.layout import LocalSite
+
+    transform = biject_to(constraints.simplex)
+    site = LocalSite("topics", transform, event_dim=1, constrained_event_dim=1, inner_shape=(7,),
+                     init_loc=torch.zeros(7))
+    u = torch.tensor([[3.0, 30, 30, 30, 30, 30, 30], [0.1, -0.2, 0.3, 0, 0, 0, 0]], requires_grad=True)
+    prior = dist.Dirichlet(torch.full((8,), 0.1), validate_args=False)
+    raw = transform(u)
+    assert raw.min() < 1e-33
+    raw_grad = torch.autograd.grad(prior.log_prob(raw).sum(), u)[0]
+    assert not torch.isfinite(raw_grad).all()
+    value = site.value(u)
+    assert value.min() >= 1e6 / torch.finfo(torch.float32).max
+    torch.testing.assert_close(value[1], raw[1])  # coordinates away from the boundary are T(u) exactly
+    assert torch.isfinite(torch.autograd.grad(prior.log_prob(value).sum(), u)[0]).all()

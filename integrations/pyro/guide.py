@@ -41,7 +41,6 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message, NonlocalExit, get_plates
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
-from torch.distributions import constraints
 from torch.nn.utils import parametrize
 
 from learned_inference.encodings import (
@@ -73,6 +72,7 @@ from .layout import (
     find_amortized_plates,
     left_shape,
     local_layout,
+    on_a_simplex,
     site_plates,
 )
 from .log_joint import LocalLogJoint, TracedObjective
@@ -285,7 +285,7 @@ class AutoIterativeNormal(AutoGuide):
                                           if name in local}
             supports = {name: cast(Any, self.prototype_trace.nodes[name]["fn"]).support for name in global_names}
             self._on_the_simplex = _OnTheSimplex(frozenset(name for name in global_names
-                                                           if _on_a_simplex(supports[name])))
+                                                           if on_a_simplex(supports[name])))
         if not self.layout.sites:
             return
         init_loc = self.layout.init_loc
@@ -549,7 +549,7 @@ class AutoIterativeNormal(AutoGuide):
         """
         locs, _ = self._posterior(args, kwargs)
         result = {} if self.globals is None else self._global_guide("median").median(*args, **kwargs)
-        result.update({site.name: site.transform(locs[site.name]) for site in self.layout.sites})
+        result.update({site.name: site.value(locs[site.name]) for site in self.layout.sites})
         return result
 
     @torch.no_grad()
@@ -567,7 +567,7 @@ class AutoIterativeNormal(AutoGuide):
         for site in self.layout.sites:
             loc, scale = locs[site.name], scales[site.name]
             q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device).reshape(-1, *(1,) * loc.dim())
-            result[site.name] = site.transform(dist.Normal(loc, scale).icdf(q))
+            result[site.name] = site.value(dist.Normal(loc, scale).icdf(q))
         return result
 
     # -- pickling ------------------------------------------------------------------------------------------------------
@@ -674,7 +674,7 @@ def _reads_data_only(encoding: Encoding) -> bool:
 
 def _constrained_site(site: LocalSite, u: Tensor) -> Tensor:
     """Samples the model's site as T(u), with log|det ∂T⁻¹/∂z| as its log-density (unless the site is masked out)."""
-    value = site.transform(u)
+    value = site.value(u)
     log_density: Tensor | float = 0.0
     if poutine.get_mask() is not False:
         jacobian = site.transform.inv.log_abs_det_jacobian(value, u)
@@ -701,13 +701,6 @@ class _OnTheSimplex(Messenger):
         if msg["type"] == "sample" and msg["name"] in self.names and isinstance(fn, dist.Delta):
             value = fn.v / fn.v.sum(-1, keepdim=True)
             msg["fn"] = dist.Delta(value, log_density=fn.log_density, event_dim=fn.event_dim)
-
-
-def _on_a_simplex(support: constraints.Constraint) -> bool:
-    """Whether values of this support lie on a simplex (also as the event of a ``to_event`` distribution)."""
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.simplex
 
 
 def _sized(frame: CondIndepStackFrame, site: Message) -> CondIndepStackFrame:

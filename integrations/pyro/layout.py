@@ -39,7 +39,7 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import Transform, biject_to
+from torch.distributions import Transform, biject_to, constraints
 from torch.distributions.constraints import Constraint
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "find_amortized_plates",
     "left_shape",
     "local_layout",
+    "on_a_simplex",
     "sample_site",
     "site_plates",
 ]
@@ -172,6 +173,27 @@ class LocalSite:
     def size(self) -> int:
         return math.prod(self.inner_shape)
 
+    def value(self, u: Tensor) -> Tensor:
+        """T(u), the site's value; a simplex-valued site is kept off the simplex's boundary.
+
+        Every coordinate is at least 10⁶ / (the dtype's largest number), about 3·10⁻³³ in float32. Below that the
+        model's log-density (a Dirichlet with a concentration under 1, a categorical's log-probability) has a
+        gradient that overflows, and the stick-breaking map's backward turns it into NaN (measured on Pyro's LDA
+        example: the update network's parameters became NaN at its 14th training step). Only coordinates already
+        below the threshold move, by less than it.
+        """
+        value = self.transform(u)
+        if on_a_simplex(self.transform.codomain):
+            value = value.clamp(min=1e6 / torch.finfo(value.dtype).max)
+        return value
+
+
+def on_a_simplex(support: Constraint) -> bool:
+    """Whether values of this support lie on a simplex (also as the event of a ``to_event`` distribution)."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.simplex
+
 
 @dataclass(frozen=True)
 class LocalLayout:
@@ -209,7 +231,7 @@ class LocalLayout:
         """``[..., D]`` → (constrained site values, Σ_s log|det J_s| of shape ``[...]``)."""
         values, log_det = {}, flat.new_zeros(flat.shape[:-1])
         for site, u in zip(self.sites, self.split(flat).values(), strict=True):
-            z = site.transform(u)
+            z = site.value(u)
             jacobian = site.transform.log_abs_det_jacobian(u, z)
             log_det = log_det + sum_rightmost(jacobian, jacobian.dim() - log_det.dim())
             values[site.name] = z
