@@ -578,7 +578,8 @@ def build_ss_vae(kind: str, ctx: Context) -> Run:
         guide = config_enumerate(ss_vae.guide, "parallel", expand=True)
         eval_guide = ss_vae.guide
     else:
-        ours = _ours(kind, poutine.block(ss_vae.model, hide=["y"]), ctx, 0.00042,
+        # the label enumerated in the model our guide refines with: its refinement sums y out exactly
+        ours = _ours(kind, config_enumerate(ss_vae.model, "parallel", expand=True), ctx, 0.00042,
                      create_plates=lambda xs, ys=None: pyro.plate("data", xs.shape[0]))
 
         def guide(xs: Tensor, ys: Tensor | None = None) -> None:

@@ -15,7 +15,7 @@ pyro = pytest.importorskip("pyro")
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from pyro import poutine  # noqa: E402
-from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO  # noqa: E402
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, config_enumerate  # noqa: E402
 from pyro.infer.autoguide import AutoGuideList, AutoNormal  # noqa: E402
 
 from learned_inference.integrations.pyro import (  # noqa: E402
@@ -442,3 +442,22 @@ def test_a_local_simplex_site_stays_off_the_boundary_so_its_gradients_stay_finit
     assert value.min() >= 1e6 / torch.finfo(torch.float32).max
     torch.testing.assert_close(value[1], raw[1])  # coordinates away from the boundary are T(u) exactly
     assert torch.isfinite(torch.autograd.grad(prior.log_prob(value).sum(), u)[0]).all()
+
+
+def test_a_label_observed_in_some_calls_only_is_scored_or_summed_out_but_never_read():
+    """Semi-supervised (Pyro's ss_vae_M2): the update network reads the observations present at set-up (x); a
+    label observed in other calls enters the refinement's log-joint there (the posterior of z moves with it) and
+    is summed out where it is enumerated."""
+    def model(x, y=None):
+        with pyro.plate("data", len(x)):
+            label = pyro.sample("y", dist.Categorical(torch.ones(2) / 2), obs=y)
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + 4.0 * label.float(), 0.5), obs=x)
+
+    x = torch.full((3,), 2.0)
+    guide = AutoIterativeNormal(config_enumerate(model, "parallel"), num_steps=3, hidden_size=16)
+    guide(x)  # set up on unlabelled data: the label is enumerated
+    assert guide._features == {"x"} and guide._enumerates
+    as_zero = guide.median(x, torch.zeros(3, dtype=torch.long))["z"]
+    as_one = guide.median(x, torch.ones(3, dtype=torch.long))["z"]
+    assert (as_zero - as_one).abs().min() > 0.05  # the observed label moves the refined z

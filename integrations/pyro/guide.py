@@ -261,8 +261,9 @@ class AutoIterativeNormal(AutoGuide):
         # which plates hold data; the random streams of the devices in use stay as they were
         with torch.random.fork_rng(devices=_cuda_devices(self.prototype_trace)), TrainModeRun():
             full = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
-        data_plates = set().union(*(site_plates(site) for site in full.nodes.values()
-                                    if site["type"] == "sample" and site["is_observed"]))
+        observed = [site for site in full.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+        data_plates = set().union(*(site_plates(site) for site in observed))
+        self._features = frozenset(site["name"] for site in observed)
         # where the refinement may enumerate: left of every plate the model uses
         self._enumerates = any(enumerated(site) for site in full.nodes.values())
         self._plate_nesting = max((-frame.dim for site in full.nodes.values() if site["type"] == "sample"
@@ -495,7 +496,8 @@ class AutoIterativeNormal(AutoGuide):
         log_joint = LocalLogJoint(self.model, args, kwargs, layout=layout, left_shape=left, conditioned=conditioned,
                                   subsample_scale=scale, train_mode=train_mode,
                                   outer_plates=frozenset(frame.name for frame in outer),
-                                  enumerate_dim=-(nesting + 1) if self._enumerates else None)
+                                  enumerate_dim=-(nesting + 1) if self._enumerates else None,
+                                  features=getattr(self, "_features", None))
         batch, dim = math.prod(left), layout.total_dim
         start = family.from_diagonal(self.init_loc.expand(batch, dim), self.init_log_var.expand(batch, dim))
         assert start is not None  # a Gaussian family (checked at construction)

@@ -78,6 +78,9 @@ class LocalLogJoint:
         enumerate_dim: where the model's parallel-enumerated sites put their values (``first_available_dim``), or
             None when it enumerates none; their log-densities and those of the sites that depend on them are
             summed over the enumerated values (log-sum-exp), per datapoint.
+        features: the observed sites :meth:`observations` reads (those observed when the guide was set up), or
+            None for every observed site. A site observed in some calls only (a semi-supervised label) is then
+            scored where observed, summed out where enumerated, and never read.
     """
 
     def __init__(
@@ -93,8 +96,10 @@ class LocalLogJoint:
         train_mode: TrainModeRun | None = None,
         outer_plates: frozenset[str] = frozenset(),
         enumerate_dim: int | None = None,
+        features: frozenset[str] | None = None,
     ) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
+        self.features = features
         self.layout, self.left_shape, self.conditioned = layout, left_shape, conditioned
         self.subsample_scale = subsample_scale
         self.train_mode = train_mode
@@ -187,6 +192,8 @@ class LocalLogJoint:
         features = []
         for site in self._plate_sites(trace):
             if not site["is_observed"] or site["name"] in conditioned or (site["infer"] or {}).get("_deterministic"):
+                continue
+            if self.features is not None and site["name"] not in self.features:
                 continue
             fn, value = sample_site(site)
             shape = fn.batch_shape + fn.event_shape
