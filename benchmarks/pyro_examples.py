@@ -32,7 +32,8 @@ The guide swaps (``-`` the example, ``+`` here; ``ours`` is either of our guides
                     - elbo = TraceEnum_ELBO(max_plate_nesting=2)
                     + elbo = IterativeTraceEnum_ELBO(max_plate_nesting=2)
     vae/ss_vae_M2   - guide = config_enumerate(ss_vae.guide, args.enum_discrete, expand=True)
-                    + ours = AutoIterativeNormal(config_enumerate(ss_vae.model, "parallel", expand=True), create_plates=...)
+                    + ours = AutoIterativeNormal(config_enumerate(ss_vae.model, "parallel", expand=True),
+                    +                            create_plates=...)   # the label summed out of the refinement
                     + def guide(xs, ys=None):            # q(z | x) ours, q(y | x) the example's encoder_y
                     +     ours(xs, ys)
                     +     with ours.plates["data"]:
