@@ -497,7 +497,7 @@ class AutoIterativeNormal(AutoGuide):
                                   subsample_scale=scale, train_mode=train_mode,
                                   outer_plates=frozenset(frame.name for frame in outer),
                                   enumerate_dim=-(nesting + 1) if self._enumerates else None,
-                                  features=getattr(self, "_features", None))
+                                  features=getattr(self, "_features", None))  # None: a guide pickled before
         batch, dim = math.prod(left), layout.total_dim
         start = family.from_diagonal(self.init_loc.expand(batch, dim), self.init_log_var.expand(batch, dim))
         assert start is not None  # a Gaussian family (checked at construction)
