@@ -104,7 +104,9 @@ def test_pyro_examples_smoke(tmp_path: Path) -> None:
             assert key in entry, (name, key)
         assert math.isfinite(entry["elbo_own_guide"]), name
         if entry["status"] == "ok":
-            assert math.isfinite(entry["elbo_iterative"]) and math.isfinite(entry["iterative_minus_own"]["se"]), name
+            assert math.isfinite(entry["elbo_iterative"]), name
+            paired = entry["iterative_minus_own"]  # LDA's ELBO is one figure over the held-out set: not paired
+            assert (paired is None and name == "lda") or math.isfinite(paired["se"]), name
     summary = (tmp_path / "pyro_examples.md").read_text()
     assert summary.startswith("# ") and "| vae |" in summary
 
