@@ -222,10 +222,15 @@ def low_rank_methods_of(args: argparse.Namespace, model: Any, train: Tensor, tra
     return methods, built
 
 
+def _ais_options(args: argparse.Namespace) -> dict[str, int]:
+    """The AIS options of ``--ais-chains``, ``--ais-steps`` and ``--ais-leapfrog``."""
+    return {"num_chains": args.ais_chains, "num_steps": args.ais_steps, "num_leapfrog": args.ais_leapfrog}
+
+
 def _report(args: argparse.Namespace, model: Any, methods: dict[str, Any], x: Tensor) -> Any:
     """:func:`~learned_inference.gap_report` of ``methods`` with the benchmark's settings (AIS from the encoder)."""
-    ais_options = {"num_chains": args.ais_chains, "num_steps": args.ais_steps, "num_leapfrog": args.ais_leapfrog}
-    return gap_report(model, methods, x, ais_start=ENCODER, ais_options=ais_options, e_step_steps=args.estep_steps,
+    return gap_report(model, methods, x, ais_start=ENCODER, ais_options=_ais_options(args),
+                      e_step_steps=args.estep_steps,
                       e_step_lrs=args.estep_lrs, elbo_samples=args.elbo_samples, iwae_samples=args.iwae_samples,
                       max_samples=args.max_samples, reference=ENCODER,
                       generator=torch.Generator().manual_seed(args.seed))
@@ -235,9 +240,7 @@ def _ais_record(args: argparse.Namespace, report: Any) -> dict[str, Any]:
     summary = report.summary()
     return {"mean": summary["log_px"], "se": summary["log_px_se"], "mc_se": summary["log_px_mc_se"],
             "seconds": report.ais_seconds, "seconds_per_image": report.ais_seconds / len(report.log_px),
-            "start": ENCODER, "settings": {"num_chains": args.ais_chains, "num_steps": args.ais_steps,
-                                           "num_leapfrog": args.ais_leapfrog, "schedule": "sigmoid",
-                                           "target_acceptance": 0.9},
+            "start": ENCODER, "settings": {**_ais_options(args), "schedule": "sigmoid", "target_acceptance": 0.9},
             "acceptance": report.ais.acceptance.mean().item(),
             "log_weight_std": report.ais.log_weight_std.mean().item()}
 
