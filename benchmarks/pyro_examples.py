@@ -111,6 +111,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
+from pyro.infer.autoguide import AutoGuideList
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import constraints
@@ -580,18 +581,22 @@ def build_ss_vae(kind: str, ctx: Context) -> Run:
         guide = config_enumerate(ss_vae.guide, "parallel", expand=True)
         eval_guide = ss_vae.guide
     else:
-        # the label enumerated in the model our guide refines with: its refinement sums y out exactly
-        ours = _ours(kind, config_enumerate(ss_vae.model, "parallel", expand=True), ctx, 0.00042,
-                     create_plates=lambda xs, ys=None: pyro.plate("data", xs.shape[0]))
+        # the label enumerated in the model our guide refines with: where the label is not drawn first, its
+        # refinement sums y out exactly
+        model = config_enumerate(ss_vae.model, "parallel", expand=True)
+        guide = AutoGuideList(model, create_plates=lambda xs, ys=None: pyro.plate("data", xs.shape[0]))
 
-        def guide(xs: Tensor, ys: Tensor | None = None) -> None:
-            ours(xs, ys)
-            with ours.plates["data"]:
-                if ys is None:
+        def label(xs: Tensor, ys: Tensor | None = None) -> None:
+            if ys is None:  # q(y | x), the example's, enumerated: ours then refines z once per label value
+                with guide.plates["data"]:
                     pyro.sample("y", dist.OneHotCategorical(ss_vae.encoder_y(xs)),
                                 infer={"enumerate": "parallel", "expand": True})
 
+        guide.append(label)
+        guide.append(_ours(kind, model, ctx, 0.00042))
         eval_guide = guide
+        if kind == "iterative":
+            elbo = IterativeTraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
     svi = SVI(ss_vae.model, guide, optimizer, elbo)
     period = int(len(x) / s["sup_num"])
 

@@ -38,7 +38,8 @@ from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import Message, NonlocalExit, get_plates
+from pyro.poutine.runtime import _PYRO_STACK, Message, NonlocalExit, get_plates
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -124,9 +125,11 @@ class AutoIterativeNormal(AutoGuide):
         * The model must not couple datapoints through sites outside the amortized plate (the refinement only
           sees the plate's sites), and must broadcast over extra leading batch dimensions (as vectorized
           particles already require).
-        * Discrete latent sites are refused; compose with ``AutoGuideList`` as the error message shows. Within an
-          ``AutoGuideList``, sites guided by other parts are drawn from the model during the refinement, so give
-          this guide the global sites as well where possible.
+        * Discrete latent sites are refused; compose with ``AutoGuideList`` as the error message shows. Sites the
+          guide has drawn before this guide runs (earlier parts of an ``AutoGuideList``, sample statements of a
+          guide function before the call) are conditioned on: the refinement targets p(local sites | x, those
+          draws), one refinement per value where the draw is enumerated in parallel (a label y gives
+          q(z | x, y)). Sites guided by later parts are drawn from the model during the refinement.
         * ``median`` and ``quantiles`` take the model's arguments (the posterior depends on the data) and use a
           fixed seed for the refinement noise, so they are deterministic and consistent with each other.
         * Pickling keeps the model, so it must be picklable (a module-level function or module); otherwise
@@ -264,6 +267,8 @@ class AutoIterativeNormal(AutoGuide):
         observed = [site for site in full.nodes.values() if site["type"] == "sample" and site["is_observed"]]
         data_plates = set().union(*(site_plates(site) for site in observed))
         self._features = frozenset(site["name"] for site in observed)
+        self._model_sites = frozenset(name for name, site in full.nodes.items()
+                                      if site["type"] == "sample" and not site_is_subsample(site))
         # where the refinement may enumerate: left of every plate the model uses
         self._enumerates = any(enumerated(site) for site in full.nodes.values())
         self._plate_nesting = max((-frame.dim for site in full.nodes.values() if site["type"] == "sample"
@@ -486,6 +491,8 @@ class AutoIterativeNormal(AutoGuide):
         """
         layout, family = self.layout, self.family
         amortized = [plates[name] for name in layout.plates]
+        drawn, enumerated_dims = self._guide_draws(exclude=frozenset(conditioned))
+        outer = [*outer, *enumerated_dims]
         frames = [*outer, *(_frame(plate) for plate in amortized)]
         left = left_shape(frames, plate_dim=layout.plate_dim)
         scale = math.prod(plate.size / plate.subsample_size for plate in amortized)
@@ -497,7 +504,8 @@ class AutoIterativeNormal(AutoGuide):
                                   subsample_scale=scale, train_mode=train_mode,
                                   outer_plates=frozenset(frame.name for frame in outer),
                                   enumerate_dim=-(nesting + 1) if self._enumerates else None,
-                                  features=getattr(self, "_features", None))  # None: a guide pickled before
+                                  features=getattr(self, "_features", None),  # None: a guide pickled before
+                                  drawn=drawn)
         batch, dim = math.prod(left), layout.total_dim
         start = family.from_diagonal(self.init_loc.expand(batch, dim), self.init_log_var.expand(batch, dim))
         assert start is not None  # a Gaussian family (checked at construction)
@@ -525,6 +533,34 @@ class AutoIterativeNormal(AutoGuide):
         if train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
         return {name: value.reshape(*left, value.shape[-1]) for name, value in run.params.items()}, log_joint.masks
+
+    def _guide_draws(self, *, exclude: frozenset[str]) -> tuple[dict[str, Tensor], list[CondIndepStackFrame]]:
+        """The values the enclosing guide has drawn so far for the model's latent sites that this guide does not
+        refine (found in the innermost trace being recorded: the ELBO's, ``Predictive``'s), except ``exclude``;
+        and a frame for each dim that their parallel enumeration uses (``TraceEnum_ELBO`` puts each enumerated
+        value there), so that every enumerated value gets a refinement of its own."""
+        trace = next((m.trace for m in reversed(_PYRO_STACK) if isinstance(m, TraceMessenger)), None)
+        if trace is None:
+            return {}, []
+        own = exclude | {site.name for site in self.layout.sites}
+        model_sites: frozenset[str] = getattr(self, "_model_sites", frozenset())  # empty: a guide pickled before
+        drawn: dict[str, Tensor] = {}
+        frames: dict[int, CondIndepStackFrame] = {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            infer = site["infer"] or {}
+            if (name in own or name not in model_sites or site_is_subsample(site)
+                    or infer.get("is_auxiliary")):
+                continue
+            value = cast(Tensor, site["value"])
+            drawn[name] = value
+            dim = infer.get("_enumerate_dim")
+            if dim is not None:
+                batch_shape = value.shape[: value.dim() - cast(Any, site["fn"]).event_dim]
+                frames[dim] = CondIndepStackFrame(name=f"_enumerated_{name}", dim=dim, size=batch_shape[dim],
+                                                  counter=0, full_size=batch_shape[dim])
+        return drawn, list(frames.values())
 
     # -- summaries ---------------------------------------------------------------------------------------------------
 

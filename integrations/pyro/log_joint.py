@@ -39,7 +39,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.runtime import Message
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _ENUM_ALLOCATOR, Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
@@ -81,6 +82,11 @@ class LocalLogJoint:
         features: the observed sites :meth:`observations` reads (those observed when the guide was set up), or
             None for every observed site. A site observed in some calls only (a semi-supervised label) is then
             scored where observed, summed out where enumerated, and never read.
+        drawn: values the guide drew before the refinement for latent sites it does not refine (earlier parts of
+            an ``AutoGuideList``, sample statements of a guide function before the call): the model takes them as
+            observed wherever it does not observe the site itself (``poutine.replay``'s rule), so they are scored,
+            and read by :meth:`observations` where named in ``features``. A value may carry the dims of the guide's
+            parallel enumeration (left of the amortized plate, counted in ``left_shape``).
     """
 
     def __init__(
@@ -97,9 +103,11 @@ class LocalLogJoint:
         outer_plates: frozenset[str] = frozenset(),
         enumerate_dim: int | None = None,
         features: frozenset[str] | None = None,
+        drawn: dict[str, Tensor] | None = None,
     ) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
         self.features = features
+        self.drawn = {} if drawn is None else drawn
         self.layout, self.left_shape, self.conditioned = layout, left_shape, conditioned
         self.subsample_scale = subsample_scale
         self.train_mode = train_mode
@@ -119,11 +127,11 @@ class LocalLogJoint:
                 "a model with enumerated sites is refined with one sample per step (num_samples=1): the samples' "
                 "dimension would collide with the enumerated values' dimensions"
             )
-        model = poutine.condition(self.model, data={**self.conditioned, **values})
+        model = _Drawn(self.drawn)(poutine.condition(self.model, data={**self.conditioned, **values}))
         if enumerate_dim is not None:
             model = poutine.enum(model, first_available_dim=enumerate_dim)
         with poutine.block(), nullcontext() if self.train_mode is None else self.train_mode, \
-                nullcontext() if validate else pyro.validation_enabled(False):
+                nullcontext() if validate else pyro.validation_enabled(False), _enumeration_kept():
             trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         self.masks = {site.name: trace.nodes[site.name]["mask"] for site in self.layout.sites if site.name in trace}
         return trace, log_det
@@ -199,7 +207,8 @@ class LocalLogJoint:
             shape = fn.batch_shape + fn.event_shape
             if not math.prod(fn.event_shape):  # nothing observed, e.g. pyro.factor's empty value
                 continue
-            value = value.to(u.dtype).expand(shape)  # read in λ's dtype: a float64 model keeps them exact
+            # read in λ's dtype (a float64 model keeps them exact); a drawn value may carry enumerated dims
+            value = value.to(u.dtype).expand(torch.broadcast_shapes(value.shape, shape))
             dims = [d - fn.event_dim for d in self._inner_dims(site) if value.dim() - fn.event_dim >= -d]
             if dims:  # the datapoint's inner plates, moved right of the amortized plate: [..., b, inner, event]
                 value = value.movedim(dims, list(range(-fn.event_dim - len(dims), -fn.event_dim)))
@@ -210,6 +219,31 @@ class LocalLogJoint:
         return torch.cat([f.expand(*self.left_shape, w) for f, w in zip(features, width, strict=True)], -1).reshape(
             -1, sum(width)
         )
+
+
+@contextmanager
+def _enumeration_kept() -> Iterator[None]:
+    """Restores Pyro's enumeration-dim allocator on exit: the model's own enumeration in a refinement run resets
+    it, and the enclosing guide (enumerated by ``TraceEnum_ELBO``) still needs the dims it allocated."""
+    state = {name: dict(value) if isinstance(value, dict) else value for name, value in vars(_ENUM_ALLOCATOR).items()}
+    try:
+        yield
+    finally:
+        vars(_ENUM_ALLOCATOR).clear()
+        vars(_ENUM_ALLOCATOR).update(state)
+
+
+class _Drawn(Messenger):
+    """Sets the sample sites named in ``values`` that the model does not observe to those values, as observed."""
+
+    def __init__(self, values: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+            msg["is_observed"] = True
 
 
 @dataclass(frozen=True)
@@ -232,7 +266,7 @@ class TracedObjective(Objective):
         it: ``update_statistics`` has no effect)."""
         log_joint = self.model
         assert isinstance(log_joint, LocalLogJoint)
-        leaves, tree = pytree.tree_flatten((log_joint.args, log_joint.kwargs, log_joint.conditioned))
+        leaves, tree = pytree.tree_flatten((log_joint.args, log_joint.kwargs, log_joint.conditioned, log_joint.drawn))
         positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
         names = list(params)
         spec = _OpSpec(
@@ -274,11 +308,11 @@ class _OpSpec:
                     "with the non-JIT ELBO (Trace_ELBO, IterativeTrace_ELBO)."
                 )
             leaves[i] = tensor
-        args, kwargs, conditioned = pytree.tree_unflatten(leaves, self.tree)
+        args, kwargs, conditioned, drawn = pytree.tree_unflatten(leaves, self.tree)
         rest = tensors[len(self.positions):]
         params, (x, noise) = dict(zip(self.names, rest, strict=False)), rest[len(self.names):]
         log_joint = LocalLogJoint(self.model, args, kwargs, layout=self.layout, left_shape=self.left_shape,
-                                  conditioned=conditioned, subsample_scale=self.subsample_scale)
+                                  conditioned=conditioned, subsample_scale=self.subsample_scale, drawn=drawn)
         values, grads = Objective(log_joint, *self.objective).elbo_and_grad(params, x, noise)
         return values, *(grads[n] for n in self.names)
 
