@@ -520,3 +520,21 @@ def test_per_label_refinement_learns_each_labels_exact_posterior():
     exact = 4.0 * (x - 4.0 * torch.arange(2.0)[:, None]) / 5.0
     # within 0.25 (the posterior's s.d. is 0.45); one q(z | x) for both labels would be 1.6 off on one of them
     torch.testing.assert_close(locs.detach(), exact, atol=0.25, rtol=0.0)
+
+
+def test_categorical_observations_are_read_as_counts_over_their_categories():
+    """LDA-style: each document (plate at dim -1) observes word ids in an inner plate (dim -2); the update network
+    reads the document's counts of each of the 4 words, so the order of its words does not matter."""
+    def model(words):
+        with pyro.plate("documents", words.shape[1]):
+            logits = pyro.sample("logits", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+            with pyro.plate("words", words.shape[0]):
+                pyro.sample("w", dist.Categorical(logits=logits), obs=words)
+
+    words = torch.tensor([[0, 3], [1, 3], [1, 2], [3, 3], [0, 1]])  # 5 words of 2 documents
+    guide = AutoIterativeNormal(model, amortized_plates="documents", num_steps=2, hidden_size=16)
+    guide(words)
+    assert guide._data_features == 4  # counts over the 4 words, not 5 word ids
+    shuffled = words[torch.tensor([3, 0, 4, 2, 1])]
+    torch.testing.assert_close(guide.median(shuffled)["logits"], guide.median(words)["logits"])
+    assert not torch.allclose(guide.median(words.flip(1))["logits"], guide.median(words)["logits"])

@@ -194,7 +194,10 @@ class LocalLogJoint:
 
     @torch.no_grad()
     def observations(self, u: Tensor) -> Tensor:
-        """The observed values inside the amortized plate at ``u``, flattened per datapoint: ``[prod(left), F]``."""
+        """The observed values inside the amortized plate at ``u``, flattened per datapoint: ``[prod(left), F]``.
+
+        A categorical observation is read one-hot, summed over the plates inside a datapoint: a document of word
+        ids is read as its counts of each word, whatever the order of its words."""
         trace, _ = self.trace(u, enumerating=False)  # the observed values only: enumerated sites are drawn
         conditioned = {*self.conditioned, *(site.name for site in self.layout.sites)}
         features = []
@@ -209,6 +212,13 @@ class LocalLogJoint:
                 continue
             # read in λ's dtype (a float64 model keeps them exact); a drawn value may carry enumerated dims
             value = value.to(u.dtype).expand(torch.broadcast_shapes(value.shape, shape))
+            if isinstance(fn, torch.distributions.Categorical):  # a category, read one-hot; summed over the
+                # datapoint's inner plates: counts over the categories (an LDA document's bag of words)
+                value = torch.nn.functional.one_hot(value.long(), fn.param_shape[-1]).to(u.dtype)
+                inner = [d - 1 for d in self._inner_dims(site) if value.dim() - 1 >= -d]
+                value = value.sum(inner) if inner else value
+                features.append(self.layout.datapoint_features(value, event_dim=1))
+                continue
             dims = [d - fn.event_dim for d in self._inner_dims(site) if value.dim() - fn.event_dim >= -d]
             if dims:  # the datapoint's inner plates, moved right of the amortized plate: [..., b, inner, event]
                 value = value.movedim(dims, list(range(-fn.event_dim - len(dims), -fn.event_dim)))
