@@ -125,11 +125,12 @@ class AutoIterativeNormal(AutoGuide):
         * The model must not couple datapoints through sites outside the amortized plate (the refinement only
           sees the plate's sites), and must broadcast over extra leading batch dimensions (as vectorized
           particles already require).
-        * Discrete latent sites are refused; compose with ``AutoGuideList`` as the error message shows. Sites the
-          guide has drawn before this guide runs (earlier parts of an ``AutoGuideList``, sample statements of a
-          guide function before the call) are conditioned on: the refinement targets p(local sites | x, those
-          draws), one refinement per value where the draw is enumerated in parallel (a label y gives
-          q(z | x, y)). Sites guided by later parts are drawn from the model during the refinement.
+        * Discrete latent sites are refused; compose with ``AutoGuideList`` as the error message shows. A site
+          the model enumerates (left unguided here) that the guide has drawn before this guide runs (an earlier
+          part of an ``AutoGuideList``, a sample statement of a guide function before the call) is conditioned
+          on: the refinement targets p(local sites | x, that draw), one refinement per value where the draw is
+          enumerated in parallel (a label y gives q(z | x, y)). Sites hidden from this guide, or guided by later
+          parts, are drawn from the model during the refinement.
         * ``median`` and ``quantiles`` take the model's arguments (the posterior depends on the data) and use a
           fixed seed for the refinement noise, so they are deterministic and consistent with each other.
         * Pickling keeps the model, so it must be picklable (a module-level function or module); otherwise
