@@ -38,6 +38,7 @@ from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK, Message, NonlocalExit, get_plates
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
@@ -436,7 +437,11 @@ class AutoIterativeNormal(AutoGuide):
         result = self._draw_globals(args, kwargs)
         if not self.layout.sites:
             return result
-        params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
+        replaying = any(isinstance(m, ReplayMessenger) and m.trace is not None and self._lambda_site("loc") in m.trace
+                        for m in _PYRO_STACK)
+        params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None,
+                                     record=not replaying)
+        params = self._replayable(params, plates)
         if isinstance(self.family, LowRankGaussian):
             return self._sample_jointly(params, plates, masks, result)
         locs = self.layout.split(params["loc"])
@@ -468,6 +473,35 @@ class AutoIterativeNormal(AutoGuide):
                 result[site.name] = _constrained_site(site, blocks[site.name])
         return result
 
+    def _lambda_site(self, name: str) -> str:
+        """The auxiliary site that carries the final posterior parameter ``name`` (see :meth:`_replayable`)."""
+        return f"_{self._pyro_name}_{name}"
+
+    def _replayable(self, params: Params, plates: dict[str, pyro.plate]) -> Params:
+        """λ_T through one auxiliary site per parameter (a ``Delta`` masked out: log-density 0, also at a replayed
+        value), so that a replay of this guide's trace gives back the λ_T its draws were made from.
+
+        The refinement is random (its noise, the model's own draws inside it) without sample sites of its own: a
+        re-run of the guide under ``poutine.replay`` (``TraceEnum_ELBO``'s sequential enumeration re-runs the guide
+        once per value of a later discrete site and replays the earlier draws; ``poutine.queue``; a user's replay)
+        would replay the draw u but refine anew, and score u under another λ'_T: the estimate is then
+        E[log p − log q'] = ELBO + KL(q ‖ q'), biased up without bound, and training raises the KL until the
+        estimate is positive and diverges (measured on Pyro's scanvi example: a positive ELBO in the first epoch,
+        then a zero-inflated negative binomial with probs 1 at step 18). The refinement of a replayed run reports
+        no training surrogate (the replayed λ_T's own run reported it).
+        """
+        inner = (1,) * (-self.layout.plate_dim - 1)  # the batch dims right of the amortized plate (inner plates)
+        replayed = {}
+        with ExitStack() as stack:
+            for name in self.layout.plates:
+                stack.enter_context(plates[name])
+            for name, value in params.items():  # [*left, P]
+                aligned = value.reshape(*value.shape[:-1], *inner, value.shape[-1])
+                site = pyro.sample(self._lambda_site(name), dist.Delta(aligned, event_dim=1).mask(False),
+                                   infer={"is_auxiliary": True})
+                replayed[name] = site.reshape(value.shape)
+        return replayed
+
     @contextmanager
     def _site_plates(self, site: LocalSite, plates: dict[str, pyro.plate], masks: dict[str, Any]) -> Iterator[None]:
         """Inside: the plates of a local site, and the model's mask of it where the model masks it (padding)."""
@@ -482,7 +516,7 @@ class AutoIterativeNormal(AutoGuide):
 
     def _refine(
         self, plates: dict[str, pyro.plate], conditioned: dict[str, Tensor], outer: Sequence[Any], args: tuple,
-        kwargs: dict, *, generator: torch.Generator | None,
+        kwargs: dict, *, generator: torch.Generator | None, record: bool = True,
     ) -> tuple[Params, dict[str, Any]]:
         """Runs the T refinement steps; returns the final λ as ``{"loc", "log_var"}`` of shape ``[*left, D]``, and
         the model's masks of the local latent sites (by name, where the model masks them).
@@ -531,7 +565,7 @@ class AutoIterativeNormal(AutoGuide):
         if not train and train_mode.batch_norms_in_training:
             module = train_mode.batch_norms_in_training[0]
             raise batch_norm_error(f"the model's {type(module).__name__}", module, cause="test_time")
-        if train and run.loss.requires_grad:
+        if record and train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
         return {name: value.reshape(*left, value.shape[-1]) for name, value in run.params.items()}, log_joint.masks
 
