@@ -437,11 +437,12 @@ class AutoIterativeNormal(AutoGuide):
         result = self._draw_globals(args, kwargs)
         if not self.layout.sites:
             return result
-        replaying = any(isinstance(m, ReplayMessenger) and m.trace is not None and self._lambda_site("loc") in m.trace
-                        for m in _PYRO_STACK)
-        params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None,
-                                     record=not replaying)
-        params = self._replayable(params, plates)
+        replayed = self._replayed()
+        if replayed is None:
+            params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
+        else:  # the draws are replayed with the λ_T and masks they were made with: no refinement to redo
+            params, masks = replayed
+        params = self._replayable(params, plates, masks)
         if isinstance(self.family, LowRankGaussian):
             return self._sample_jointly(params, plates, masks, result)
         locs = self.layout.split(params["loc"])
@@ -477,7 +478,19 @@ class AutoIterativeNormal(AutoGuide):
         """The auxiliary site that carries the final posterior parameter ``name`` (see :meth:`_replayable`)."""
         return f"_{self._pyro_name}_{name}"
 
-    def _replayable(self, params: Params, plates: dict[str, pyro.plate]) -> Params:
+    def _replayed(self) -> tuple[Params, dict[str, Any]] | None:
+        """λ_T and the masks of an enclosing replay of this guide's trace (see :meth:`_replayable`), or None."""
+        for messenger in reversed(_PYRO_STACK):
+            trace = messenger.trace if isinstance(messenger, ReplayMessenger) else None
+            if trace is not None and self._lambda_site("loc") in trace:
+                nodes = {name: trace.nodes[self._lambda_site(name)] for name in self.family.param_sizes(1)}
+                values = {name: cast(Tensor, node["value"]) for name, node in nodes.items()}  # [*left, *inner, P]
+                params = {name: value.reshape(*value.shape[: self.layout.plate_dim], value.shape[-1])
+                          for name, value in values.items()}
+                return params, cast(dict[str, Any], nodes["loc"]["infer"])["masks"]
+        return None
+
+    def _replayable(self, params: Params, plates: dict[str, pyro.plate], masks: dict[str, Any]) -> Params:
         """λ_T through one auxiliary site per parameter (a ``Delta`` masked out: log-density 0, also at a replayed
         value), so that a replay of this guide's trace gives back the λ_T its draws were made from.
 
@@ -487,8 +500,10 @@ class AutoIterativeNormal(AutoGuide):
         would replay the draw u but refine anew, and score u under another λ'_T: the estimate is then
         E[log p − log q'] = ELBO + KL(q ‖ q'), biased up without bound, and training raises the KL until the
         estimate is positive and diverges (measured on Pyro's scanvi example: a positive ELBO in the first epoch,
-        then a zero-inflated negative binomial with probs 1 at step 18). The refinement of a replayed run reports
-        no training surrogate (the replayed λ_T's own run reported it).
+        then a zero-inflated negative binomial with probs 1 at step 18).
+
+        In a replay (:meth:`_replayed`) the refinement is not run again: λ_T and the model's masks of the local
+        sites (kept in the sites' ``infer``) come from the replayed trace.
         """
         inner = (1,) * (-self.layout.plate_dim - 1)  # the batch dims right of the amortized plate (inner plates)
         replayed = {}
@@ -498,7 +513,7 @@ class AutoIterativeNormal(AutoGuide):
             for name, value in params.items():  # [*left, P]
                 aligned = value.reshape(*value.shape[:-1], *inner, value.shape[-1])
                 site = pyro.sample(self._lambda_site(name), dist.Delta(aligned, event_dim=1).mask(False),
-                                   infer={"is_auxiliary": True})
+                                   infer=cast(Any, {"is_auxiliary": True, "masks": masks}))  # masks: ours
                 replayed[name] = site.reshape(value.shape)
         return replayed
 
@@ -516,7 +531,7 @@ class AutoIterativeNormal(AutoGuide):
 
     def _refine(
         self, plates: dict[str, pyro.plate], conditioned: dict[str, Tensor], outer: Sequence[Any], args: tuple,
-        kwargs: dict, *, generator: torch.Generator | None, record: bool = True,
+        kwargs: dict, *, generator: torch.Generator | None,
     ) -> tuple[Params, dict[str, Any]]:
         """Runs the T refinement steps; returns the final λ as ``{"loc", "log_var"}`` of shape ``[*left, D]``, and
         the model's masks of the local latent sites (by name, where the model masks them).
@@ -565,7 +580,7 @@ class AutoIterativeNormal(AutoGuide):
         if not train and train_mode.batch_norms_in_training:
             module = train_mode.batch_norms_in_training[0]
             raise batch_norm_error(f"the model's {type(module).__name__}", module, cause="test_time")
-        if record and train and run.loss.requires_grad:
+        if train and run.loss.requires_grad:
             record_refinement_loss(run.loss, name=f"{self._pyro_name}.refinement_loss")
         return {name: value.reshape(*left, value.shape[-1]) for name, value in run.params.items()}, log_joint.masks
 
