@@ -180,13 +180,13 @@ REDUCTIONS = {
 }
 #: why an example (or one of its guides) is not served, where a run fails or its number is not comparable
 EXPLANATIONS = {
-    "lda": "Our guide refines doc_topics (the words' plate at dim -2, left of the documents' at -1, counted "
-           "inside each document; word_topics left unguided and summed out of the refinement by enumeration; "
-           "IterativeTraceEnum_ELBO), and reads each document as its counts of each word (a categorical "
-           "observation read one-hot, summed over the words' plate); the global topics get their conjugate Gamma and Dirichlet guide through "
-           "global_guide= (the internal AutoNormal in stick-breaking coordinates does not fit the 1,024-word "
-           "Dirichlet topics: Pyro's own AutoNormal stops at its fifth step on this model). The example's own "
-           "guide is a point mass (Delta) on doc_topics: its ELBO bounds log p(x, doc_topics) at that point, "
+    "lda": "Our guide refines doc_topics (the words' plate at dim -2, left of the documents' at -1, counted inside "
+           "each document; word_topics left unguided and summed out of the refinement by enumeration; "
+           "IterativeTraceEnum_ELBO), and reads each document as its counts of each word (a categorical observation "
+           "read one-hot, summed over the words' plate); the global topics get their conjugate Gamma and Dirichlet "
+           "guide through global_guide= (the internal AutoNormal in stick-breaking coordinates does not fit the "
+           "1,024-word Dirichlet topics: Pyro's own AutoNormal stops at its fifth step on this model). The example's"
+           " own guide is a point mass (Delta) on doc_topics: its ELBO bounds log p(x, doc_topics) at that point, "
            "not log p(x), so the comparison favours it.",
     "scanvi": "Our guide refines z1, z2 and l; the example's classifier q(y | z2) follows it, enumerated "
               "sequentially (the model's torch.cat does not broadcast), so TraceEnum_ELBO re-runs the guide once "
