@@ -573,3 +573,25 @@ def test_a_replayed_guide_scores_its_draw_under_the_posterior_it_was_drawn_from(
                         lambda loss, name: reports.append(name))
     IterativeTraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False).differentiable_loss(model, guide, x)
     assert len(reports) == 1  # the first run's (cut at y), not the two replays'
+
+
+def test_a_replay_of_another_calls_trace_refines_anew():
+    """Replaying a trace of other data (or one recorded without gradients) must not hand this call that call's
+    posterior: the guide refines again, as Pyro's autoguides recompute their distributions under a replay."""
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    guide = AutoIterativeNormal(model, num_steps=2, hidden_size=8)
+    xa, xb = torch.tensor([-3.0, 0.0, 3.0]), torch.tensor([5.0, 5.0, 5.0])
+    guide(xa)  # set up
+    of_a = poutine.trace(guide).get_trace(xa)
+    on_b = poutine.trace(poutine.replay(guide, trace=of_a)).get_trace(xb)
+    loc_of = {trace: trace.nodes["z_unconstrained"]["fn"].loc for trace in (of_a, on_b)}
+    assert "_AutoIterativeNormal_loc" not in on_b.nodes  # its λ_T is not the replayed one
+    assert not torch.allclose(loc_of[on_b], loc_of[of_a])
+    with torch.no_grad():
+        recorded = poutine.trace(guide).get_trace(xa)
+    replayed = poutine.trace(poutine.replay(guide, trace=recorded)).get_trace(xa)
+    assert replayed.nodes["z_unconstrained"]["fn"].loc.requires_grad  # refined again, with gradients

@@ -44,6 +44,7 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from learned_inference.encodings import (
     DEFAULT_ENCODING,
@@ -437,12 +438,13 @@ class AutoIterativeNormal(AutoGuide):
         result = self._draw_globals(args, kwargs)
         if not self.layout.sites:
             return result
-        replayed = self._replayed()
+        replayed = self._replayed(self._call_fingerprint(args, kwargs))
         if replayed is None:
             params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
         else:  # the draws are replayed with the λ_T and masks they were made with: no refinement to redo
             params, masks = replayed
-        params = self._replayable(params, plates, masks)
+        # taken after the refinement: the first one sizes the network's lazy parameters
+        params = self._replayable(params, plates, masks, self._call_fingerprint(args, kwargs))
         if isinstance(self.family, LowRankGaussian):
             return self._sample_jointly(params, plates, masks, result)
         locs = self.layout.split(params["loc"])
@@ -478,19 +480,32 @@ class AutoIterativeNormal(AutoGuide):
         """The auxiliary site that carries the final posterior parameter ``name`` (see :meth:`_replayable`)."""
         return f"_{self._pyro_name}_{name}"
 
-    def _replayed(self) -> tuple[Params, dict[str, Any]] | None:
-        """λ_T and the masks of an enclosing replay of this guide's trace (see :meth:`_replayable`), or None."""
+    def _call_fingerprint(self, args: tuple, kwargs: dict) -> tuple[Any, ...]:
+        """What makes a replayed λ_T this call's own: the same argument tensors (by identity and version), the
+        update network's parameters unchanged since (their versions), and the same gradient mode."""
+        tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        network = [p for name in ("network", "update") for p in cast(nn.Module, self._modules[name]).parameters()]
+        return (torch.is_grad_enabled(), tuple((id(t), t._version) for t in tensors),
+                tuple((id(p), p._version) for p in network))
+
+    def _replayed(self, call: tuple[Any, ...]) -> tuple[Params, dict[str, Any]] | None:
+        """λ_T and the masks of an enclosing replay of this call's own trace (see :meth:`_replayable`), or None:
+        a replay of another call's trace (other data, an updated network, no gradient) refines again."""
         for messenger in reversed(_PYRO_STACK):
             trace = messenger.trace if isinstance(messenger, ReplayMessenger) else None
             if trace is not None and self._lambda_site("loc") in trace:
                 nodes = {name: trace.nodes[self._lambda_site(name)] for name in self.family.param_sizes(1)}
+                infer = cast(dict[str, Any], nodes["loc"]["infer"])
+                if infer.get("call") != call:
+                    return None
                 values = {name: cast(Tensor, node["value"]) for name, node in nodes.items()}  # [*left, *inner, P]
                 params = {name: value.reshape(*value.shape[: self.layout.plate_dim], value.shape[-1])
                           for name, value in values.items()}
-                return params, cast(dict[str, Any], nodes["loc"]["infer"])["masks"]
+                return params, infer["masks"]
         return None
 
-    def _replayable(self, params: Params, plates: dict[str, pyro.plate], masks: dict[str, Any]) -> Params:
+    def _replayable(self, params: Params, plates: dict[str, pyro.plate], masks: dict[str, Any],
+                    call: tuple[Any, ...]) -> Params:
         """λ_T through one auxiliary site per parameter (a ``Delta`` masked out: log-density 0, also at a replayed
         value), so that a replay of this guide's trace gives back the λ_T its draws were made from.
 
@@ -502,18 +517,24 @@ class AutoIterativeNormal(AutoGuide):
         estimate is positive and diverges (measured on Pyro's scanvi example: a positive ELBO in the first epoch,
         then a zero-inflated negative binomial with probs 1 at step 18).
 
-        In a replay (:meth:`_replayed`) the refinement is not run again: λ_T and the model's masks of the local
-        sites (kept in the sites' ``infer``) come from the replayed trace.
+        In a replay of this call's own trace (:meth:`_replayed`; ``call`` identifies it) the refinement is not run
+        again: λ_T and the model's masks of the local sites (kept in the sites' ``infer``) come from the replayed
+        trace. A replay of another call's trace refines anew and keeps its λ_T off the replay (the sites are
+        hidden from it), as Pyro's autoguides recompute their distributions under a replay.
         """
+        stale = any(isinstance(m, ReplayMessenger) and m.trace is not None and self._lambda_site("loc") in m.trace
+                    for m in _PYRO_STACK) and self._replayed(call) is None
         inner = (1,) * (-self.layout.plate_dim - 1)  # the batch dims right of the amortized plate (inner plates)
         replayed = {}
         with ExitStack() as stack:
             for name in self.layout.plates:
                 stack.enter_context(plates[name])
+            if stale:
+                stack.enter_context(poutine.block(hide=[self._lambda_site(name) for name in params]))
             for name, value in params.items():  # [*left, P]
                 aligned = value.reshape(*value.shape[:-1], *inner, value.shape[-1])
                 site = pyro.sample(self._lambda_site(name), dist.Delta(aligned, event_dim=1).mask(False),
-                                   infer=cast(Any, {"is_auxiliary": True, "masks": masks}))  # masks: ours
+                                   infer=cast(Any, {"is_auxiliary": True, "masks": masks, "call": call}))
                 replayed[name] = site.reshape(value.shape)
         return replayed
 
