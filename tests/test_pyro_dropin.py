@@ -595,3 +595,31 @@ def test_a_replay_of_another_calls_trace_refines_anew():
         recorded = poutine.trace(guide).get_trace(xa)
     replayed = poutine.trace(poutine.replay(guide, trace=recorded)).get_trace(xa)
     assert replayed.nodes["z_unconstrained"]["fn"].loc.requires_grad  # refined again, with gradients
+
+
+@pytest.mark.parametrize("words_dim", [-2, -1])
+def test_padded_categorical_observations_count_only_their_words(words_dim):
+    """Documents padded to one length (masked word ids, ``.mask()``), with the words' plate left (LDA's -2) or
+    right of the documents' plate: the update network reads each document's counts of its real words; vectorized
+    particles keep their own dim."""
+    documents_dim = -1 if words_dim == -2 else -2
+
+    def model(words, lengths):
+        with pyro.plate("documents", words.shape[1], dim=documents_dim):
+            logits = pyro.sample("logits", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+            real = torch.arange(words.shape[0])[:, None] < lengths  # [words, documents]
+            with pyro.plate("words", words.shape[0], dim=words_dim):
+                observed = words.T if words_dim == -1 else words  # [documents, words] when words are at -1
+                real = real.T if words_dim == -1 else real
+                pyro.sample("w", dist.Categorical(logits=logits).mask(real), obs=observed)
+
+    guide = AutoIterativeNormal(model, amortized_plates="documents", num_steps=2, hidden_size=16)
+    words, lengths = torch.tensor([[0, 3], [1, 3], [1, 2], [3, 0], [0, 0]]), torch.tensor([5, 3])
+    guide(words, lengths)
+    assert guide._data_features == 4
+    padded_otherwise = words.clone()
+    padded_otherwise[3:, 1] = 2  # the second document's padding, other ids: not read
+    torch.testing.assert_close(guide.median(padded_otherwise, lengths)["logits"],
+                               guide.median(words, lengths)["logits"])
+    elbo = IterativeTrace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2)
+    assert torch.isfinite(elbo.differentiable_loss(model, guide, words, lengths))

@@ -38,6 +38,7 @@ from typing import Any, cast
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import ExpandedDistribution, Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _ENUM_ALLOCATOR, Message
@@ -212,12 +213,9 @@ class LocalLogJoint:
                 continue
             # read in λ's dtype (a float64 model keeps them exact); a drawn value may carry enumerated dims
             value = value.to(u.dtype).expand(torch.broadcast_shapes(value.shape, shape))
-            if isinstance(fn, torch.distributions.Categorical):  # a category, read one-hot; summed over the
-                # datapoint's inner plates: counts over the categories (an LDA document's bag of words)
-                value = torch.nn.functional.one_hot(value.long(), fn.param_shape[-1]).to(u.dtype)
-                inner = [d - 1 for d in self._inner_dims(site) if value.dim() - 1 >= -d]
-                value = value.sum(inner) if inner else value
-                features.append(self.layout.datapoint_features(value, event_dim=1))
+            categorical = _categorical(fn)
+            if categorical is not None:
+                features.append(self._counts(site, value, *categorical, dtype=u.dtype))
                 continue
             dims = [d - fn.event_dim for d in self._inner_dims(site) if value.dim() - fn.event_dim >= -d]
             if dims:  # the datapoint's inner plates, moved right of the amortized plate: [..., b, inner, event]
@@ -229,6 +227,38 @@ class LocalLogJoint:
         return torch.cat([f.expand(*self.left_shape, w) for f, w in zip(features, width, strict=True)], -1).reshape(
             -1, sum(width)
         )
+
+    def _counts(self, site: Message, value: Tensor, categories: int, masks: list[Any], *,
+                dtype: torch.dtype) -> Tensor:
+        """A categorical site's observed values as counts over its categories per datapoint ``[..., b, K]``:
+        one-hot, times the site's masks (``poutine.mask``, ``.mask()``: padding counts nothing), summed over the
+        plates inside a datapoint (left or right of the amortized plate's dim)."""
+        counts = torch.nn.functional.one_hot(value.long(), categories).to(dtype)  # [*batch, K]
+        for mask in (site["mask"], *masks):
+            if isinstance(mask, Tensor):
+                counts = counts * mask.to(dtype).unsqueeze(-1)
+            elif mask is False:
+                counts = counts * 0.0
+        batch = counts.dim() - 1
+        inner = [d for d in self._inner_dims(site) if batch >= -d]
+        right = [d for d in range(self.layout.plate_dim + 1, 0) if batch >= -d]
+        counts = counts.sum([d - 1 for d in inner], keepdim=True) if inner else counts
+        counts = counts.sum([d - 1 for d in right]) if right else counts
+        while counts.dim() > len(self.left_shape) + 1 and counts.shape[0] == 1:  # size-1 dims left of ``left``
+            counts = counts.squeeze(0)
+        return counts
+
+
+def _categorical(fn: Any) -> tuple[int, list[Any]] | None:
+    """The number of categories of a categorical distribution (also masked, expanded or with ``to_event(0)``) and
+    the masks of its ``.mask()`` wrappers, or None for any other distribution."""
+    masks = []
+    while isinstance(fn, (MaskedDistribution, ExpandedDistribution)) or (
+            isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 0):
+        if isinstance(fn, MaskedDistribution):
+            masks.append(fn._mask)
+        fn = fn.base_dist
+    return (int(fn.param_shape[-1]), masks) if isinstance(fn, torch.distributions.Categorical) else None
 
 
 @contextmanager
