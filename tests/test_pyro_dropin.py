@@ -623,3 +623,19 @@ def test_padded_categorical_observations_count_only_their_words(words_dim):
                                guide.median(words, lengths)["logits"])
     elbo = IterativeTrace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2)
     assert torch.isfinite(elbo.differentiable_loss(model, guide, words, lengths))
+
+
+@pytest.mark.parametrize("family", ["diagonal_gaussian", "low_rank"])
+def test_an_amortized_plate_left_of_an_inner_plate_gets_its_shapes(family):
+    """The plate of datapoints at dim -2, a plate inside each datapoint at -1: both families sample each local site
+    with the model's shape (the low-rank draw of every local site at once keeps the inner plate's dim)."""
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1, 2]).to_event(1))
+            with pyro.plate("inner", x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+    guide = AutoIterativeNormal(model, num_steps=2, hidden_size=8, family=family)
+    x = torch.randn(5, 4)
+    assert guide(x)["z"].shape == (5, 1, 2)
+    assert math.isfinite(Trace_ELBO().loss(model, guide, x))

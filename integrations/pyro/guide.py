@@ -467,10 +467,13 @@ class AutoIterativeNormal(AutoGuide):
         with ExitStack() as stack:
             for name in self.layout.plates:
                 stack.enter_context(plates[name])
-            q = cast(torch.distributions.LowRankMultivariateNormal, self.family.distribution(params))
+            left = params["loc"].shape[:-1]
+            inner = (1,) * (-self.layout.plate_dim - 1)  # batch dims right of the amortized plate (inner plates)
+            aligned = {name: value.reshape(*left, *inner, value.shape[-1]) for name, value in params.items()}
+            q = cast(torch.distributions.LowRankMultivariateNormal, self.family.distribution(aligned))
             joint = dist.LowRankMultivariateNormal(q.loc, q.cov_factor, q.cov_diag)
             u = pyro.sample(f"_{self._pyro_name}_latent", joint, infer={"is_auxiliary": True})
-        blocks = self.layout.split(u)
+        blocks = self.layout.split(u.reshape(*left, u.shape[-1]))
         for site in self.layout.sites:
             with self._site_plates(site, plates, masks):
                 result[site.name] = _constrained_site(site, blocks[site.name])
