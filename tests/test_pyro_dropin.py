@@ -639,3 +639,20 @@ def test_an_amortized_plate_left_of_an_inner_plate_gets_its_shapes(family):
     x = torch.randn(5, 4)
     assert guide(x)["z"].shape == (5, 1, 2)
     assert math.isfinite(Trace_ELBO().loss(model, guide, x))
+
+
+def test_observations_inside_an_inner_plate_left_of_the_datapoints_keep_the_particles_dim():
+    """LDA's layout (words at dim -2, documents at -1) with a real-valued observation, under vectorized particles
+    (their plate at dim -3): each document reads its words' values, and the particles keep their own dim."""
+    def model(obs):
+        with pyro.plate("documents", obs.shape[1], dim=-1):
+            m = pyro.sample("m", dist.Normal(0.0, 1.0))
+            with pyro.plate("words", obs.shape[0], dim=-2):
+                pyro.sample("w", dist.Normal(m, 1.0), obs=obs)
+
+    guide = AutoIterativeNormal(model, amortized_plates="documents", num_steps=2, hidden_size=8)
+    obs = torch.randn(5, 2)
+    guide(obs)
+    assert guide._data_features == 5
+    elbo = IterativeTrace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2)
+    assert torch.isfinite(elbo.differentiable_loss(model, guide, obs))

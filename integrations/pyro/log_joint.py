@@ -218,15 +218,27 @@ class LocalLogJoint:
                 features.append(self._counts(site, value, *categorical, dtype=u.dtype))
                 continue
             dims = [d - fn.event_dim for d in self._inner_dims(site) if value.dim() - fn.event_dim >= -d]
-            if dims:  # the datapoint's inner plates, moved right of the amortized plate: [..., b, inner, event]
+            if dims:  # the datapoint's inner plates, moved right of the amortized plate: [..., b, inner, event];
+                # a size-1 dim stays in each one's place, so the dims left of it (particles) keep their places
+                places = sorted(value.dim() + d for d in dims)
                 value = value.movedim(dims, list(range(-fn.event_dim - len(dims), -fn.event_dim)))
+                for place in places:
+                    value = value.unsqueeze(place)
             features.append(self.layout.datapoint_features(value, event_dim=fn.event_dim + len(dims)))
         if not features:
             return u.new_zeros(math.prod(self.left_shape), 0)
+        features = [self._fit_left(f) for f in features]
         width = [f.shape[-1] for f in features]
         return torch.cat([f.expand(*self.left_shape, w) for f, w in zip(features, width, strict=True)], -1).reshape(
             -1, sum(width)
         )
+
+    def _fit_left(self, features: Tensor) -> Tensor:
+        """``[..., b, F]`` without the size-1 dims left of ``left_shape`` (an inner plate's place, kept so that
+        outer dims such as vectorized particles stay where ``left_shape`` has them)."""
+        while features.dim() > len(self.left_shape) + 1 and features.shape[0] == 1:
+            features = features.squeeze(0)
+        return features
 
     def _counts(self, site: Message, value: Tensor, categories: int, masks: list[Any], *,
                 dtype: torch.dtype) -> Tensor:
@@ -243,10 +255,7 @@ class LocalLogJoint:
         inner = [d for d in self._inner_dims(site) if batch >= -d]
         right = [d for d in range(self.layout.plate_dim + 1, 0) if batch >= -d]
         counts = counts.sum([d - 1 for d in inner], keepdim=True) if inner else counts
-        counts = counts.sum([d - 1 for d in right]) if right else counts
-        while counts.dim() > len(self.left_shape) + 1 and counts.shape[0] == 1:  # size-1 dims left of ``left``
-            counts = counts.squeeze(0)
-        return counts
+        return counts.sum([d - 1 for d in right]) if right else counts
 
 
 def _categorical(fn: Any) -> tuple[int, list[Any]] | None:
