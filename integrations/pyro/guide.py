@@ -438,13 +438,15 @@ class AutoIterativeNormal(AutoGuide):
         result = self._draw_globals(args, kwargs)
         if not self.layout.sites:
             return result
-        replayed = self._replayed(self._call_fingerprint(args, kwargs))
+        replay = self._enclosing_replay()
+        replayed = None if replay is None else self._replayed(replay, self._call_fingerprint(args, kwargs))
         if replayed is None:
             params, masks = self._refine(plates, dict(result), get_plates(), args, kwargs, generator=None)
         else:  # the draws are replayed with the λ_T and masks they were made with: no refinement to redo
             params, masks = replayed
         # taken after the refinement: the first one sizes the network's lazy parameters
-        params = self._replayable(params, plates, masks, self._call_fingerprint(args, kwargs))
+        params = self._replayable(params, plates, masks, self._call_fingerprint(args, kwargs),
+                                  stale=replay is not None and replayed is None)
         if isinstance(self.family, LowRankGaussian):
             return self._sample_jointly(params, plates, masks, result)
         locs = self.layout.split(params["loc"])
@@ -468,8 +470,7 @@ class AutoIterativeNormal(AutoGuide):
             for name in self.layout.plates:
                 stack.enter_context(plates[name])
             left = params["loc"].shape[:-1]
-            inner = (1,) * (-self.layout.plate_dim - 1)  # batch dims right of the amortized plate (inner plates)
-            aligned = {name: value.reshape(*left, *inner, value.shape[-1]) for name, value in params.items()}
+            aligned = {name: self.layout.with_inner_dims(value) for name, value in params.items()}
             q = cast(torch.distributions.LowRankMultivariateNormal, self.family.distribution(aligned))
             joint = dist.LowRankMultivariateNormal(q.loc, q.cov_factor, q.cov_diag)
             u = pyro.sample(f"_{self._pyro_name}_latent", joint, infer={"is_auxiliary": True})
@@ -491,24 +492,28 @@ class AutoIterativeNormal(AutoGuide):
         return (torch.is_grad_enabled(), tuple((id(t), t._version) for t in tensors),
                 tuple((id(p), p._version) for p in network))
 
-    def _replayed(self, call: tuple[Any, ...]) -> tuple[Params, dict[str, Any]] | None:
-        """λ_T and the masks of an enclosing replay of this call's own trace (see :meth:`_replayable`), or None:
-        a replay of another call's trace (other data, an updated network, no gradient) refines again."""
+    def _enclosing_replay(self) -> Any:
+        """The trace of the innermost enclosing ``poutine.replay`` that holds this guide's λ_T, or None."""
         for messenger in reversed(_PYRO_STACK):
             trace = messenger.trace if isinstance(messenger, ReplayMessenger) else None
             if trace is not None and self._lambda_site("loc") in trace:
-                nodes = {name: trace.nodes[self._lambda_site(name)] for name in self.family.param_sizes(1)}
-                infer = cast(dict[str, Any], nodes["loc"]["infer"])
-                if infer.get("call") != call:
-                    return None
-                values = {name: cast(Tensor, node["value"]) for name, node in nodes.items()}  # [*left, *inner, P]
-                params = {name: value.reshape(*value.shape[: self.layout.plate_dim], value.shape[-1])
-                          for name, value in values.items()}
-                return params, infer["masks"]
+                return trace
         return None
 
+    def _replayed(self, trace: Any, call: tuple[Any, ...]) -> tuple[Params, dict[str, Any]] | None:
+        """λ_T and the masks that ``trace`` (a replayed trace of this guide) holds, if it is this call's own (see
+        :meth:`_replayable`); None for another call's trace (other data, an updated network, no gradient)."""
+        nodes = {name: trace.nodes[self._lambda_site(name)] for name in self.family.param_sizes(1)}
+        infer = cast(dict[str, Any], nodes["loc"]["infer"])
+        if infer.get("call") != call:
+            return None
+        values = {name: cast(Tensor, node["value"]) for name, node in nodes.items()}  # [*left, *inner, P]
+        params = {name: value.reshape(*value.shape[: self.layout.plate_dim], value.shape[-1])
+                  for name, value in values.items()}
+        return params, infer["masks"]
+
     def _replayable(self, params: Params, plates: dict[str, pyro.plate], masks: dict[str, Any],
-                    call: tuple[Any, ...]) -> Params:
+                    call: tuple[Any, ...], *, stale: bool) -> Params:
         """λ_T through one auxiliary site per parameter (a ``Delta`` masked out: log-density 0, also at a replayed
         value), so that a replay of this guide's trace gives back the λ_T its draws were made from.
 
@@ -522,12 +527,9 @@ class AutoIterativeNormal(AutoGuide):
 
         In a replay of this call's own trace (:meth:`_replayed`; ``call`` identifies it) the refinement is not run
         again: λ_T and the model's masks of the local sites (kept in the sites' ``infer``) come from the replayed
-        trace. A replay of another call's trace refines anew and keeps its λ_T off the replay (the sites are
-        hidden from it), as Pyro's autoguides recompute their distributions under a replay.
+        trace. A replay of another call's trace (``stale``) refines anew and keeps its λ_T off the replay (the sites
+        are hidden from it), as Pyro's autoguides recompute their distributions under a replay.
         """
-        stale = any(isinstance(m, ReplayMessenger) and m.trace is not None and self._lambda_site("loc") in m.trace
-                    for m in _PYRO_STACK) and self._replayed(call) is None
-        inner = (1,) * (-self.layout.plate_dim - 1)  # the batch dims right of the amortized plate (inner plates)
         replayed = {}
         with ExitStack() as stack:
             for name in self.layout.plates:
@@ -535,7 +537,7 @@ class AutoIterativeNormal(AutoGuide):
             if stale:
                 stack.enter_context(poutine.block(hide=[self._lambda_site(name) for name in params]))
             for name, value in params.items():  # [*left, P]
-                aligned = value.reshape(*value.shape[:-1], *inner, value.shape[-1])
+                aligned = self.layout.with_inner_dims(value)
                 site = pyro.sample(self._lambda_site(name), dist.Delta(aligned, event_dim=1).mask(False),
                                    infer=cast(Any, {"is_auxiliary": True, "masks": masks, "call": call}))
                 replayed[name] = site.reshape(value.shape)

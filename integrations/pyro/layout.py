@@ -227,6 +227,11 @@ class LocalLayout:
             for site, piece in zip(self.sites, pieces, strict=True)
         }
 
+    def with_inner_dims(self, flat: Tensor) -> Tensor:
+        """``[*left, P]`` → ``[*left, 1, ..., 1, P]``: a size-1 dim for each batch dim right of the amortized plate
+        (its inner plates), so that the plate's datapoints sit at ``plate_dim`` when sampled inside its plates."""
+        return flat.reshape(*flat.shape[:-1], *(1,) * (-self.plate_dim - 1), flat.shape[-1])
+
     def constrain(self, flat: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """``[..., D]`` → (constrained site values, Σ_s log|det J_s| of shape ``[...]``)."""
         values, log_det = {}, flat.new_zeros(flat.shape[:-1])
